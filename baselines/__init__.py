@@ -1,0 +1,1 @@
+"""Baselines run on the same inputs as BiXT (ViT, Perceiver, attention ablations): registered on import."""

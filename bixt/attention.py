@@ -1,0 +1,194 @@
+"""Attention math for BiXT and the baselines: one-way attention and bi-directional cross-attention.
+
+Bi-directional cross-attention (BiXT, section 1 of BIXT-FACTS.md): latents and tokens each project to a
+"reference" R and a value V; ONE similarity matrix A = R_lat R_tok^T * scale (B x H x M x N) is softmaxed
+over tokens to update the latents and over latents to update the tokens.
+
+Backends, chosen by name:
+  math      A materialised once, both softmaxes taken from it: the authors' computation.
+  sdpa      two `scaled_dot_product_attention` calls with the roles swapped. No M x N tensor is kept,
+            at the price of computing R_lat R_tok^T twice; the fused kernels make it the fastest on CPU.
+  xformers  the same two calls through xformers' memory-efficient kernel. CUDA only, imported lazily.
+  auto      the fastest available for the tensor's device and dtype.
+
+Padding masks are (B, N) bool with True marking padding (as `key_padding_mask` in torch): a padded token
+gives nothing to the latents. Padded tokens still receive an update themselves; callers ignore it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BACKENDS = ("auto", "math", "sdpa", "xformers")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+@functools.cache
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend `name` stands for on this device and dtype; raises when it cannot run there."""
+    check_backend(name)
+    if name == "xformers":
+        if device.type != "cuda":
+            raise ValueError(f"the xformers backend runs on CUDA only (tensor is on {device.type}): "
+                             "use backend 'sdpa' or 'auto'")
+        if not xformers_available():
+            raise ValueError("the xformers backend needs the xformers package: pip install 'bixt[xformers]', "
+                             "or use backend 'sdpa'")
+    if name != "auto":
+        return name
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and xformers_available():
+        return "xformers"
+    return "sdpa"
+
+
+def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, key_padding_mask: Tensor | None,
+                        dropout_p: float) -> Tensor:
+    import xformers.ops as xops
+
+    bias = None
+    if key_padding_mask is not None:
+        # xformers wants a bias whose last dim is padded to a multiple of 8 in memory; slicing keeps the view.
+        B, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        bias = q.new_zeros(B, H, L, (S + 7) // 8 * 8)[..., :S]
+        bias.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_bias=bias, p=dropout_p, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _probs(scores: Tensor, key_padding_mask: Tensor | None, dropout_p: float) -> Tensor:
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return F.dropout(probs, dropout_p) if dropout_p > 0 else probs
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+              key_padding_mask: Tensor | None = None, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """softmax(q k^T * scale) v for (B, H, L, d) tensors; `dropout_p` applies to the probabilities."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend = resolve_backend(backend, q.device, q.dtype)
+    if backend == "math":
+        return _probs((q @ k.transpose(-2, -1)) * scale, key_padding_mask, dropout_p) @ v
+    if backend == "xformers":
+        return _xformers_attention(q, k, v, scale, key_padding_mask, dropout_p)
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, v_tok: Tensor, *,
+                            scale: float | None = None, padding_mask: Tensor | None = None,
+                            dropout_p: tuple[float, float] = (0.0, 0.0),
+                            backend: str = "auto") -> tuple[Tensor, Tensor | None]:
+    """Both directions of BiXT's attention from one similarity matrix.
+
+    r_lat, v_lat: (B, H, M, d); r_tok, v_tok: (B, H, N, d). `v_lat=None` is the one-sided form: only the
+    latents are updated. `dropout_p` is (latent direction, token direction).
+    Returns (latent update (B, H, M, d), token update (B, H, N, d) or None).
+    """
+    scale = r_lat.shape[-1] ** -0.5 if scale is None else scale
+    drop_lat, drop_tok = dropout_p
+    if resolve_backend(backend, r_lat.device, r_lat.dtype) == "math":
+        scores = (r_lat @ r_tok.transpose(-2, -1)) * scale  # the one B x H x M x N matrix
+        lat = _probs(scores, padding_mask, drop_lat) @ v_tok
+        tok = None if v_lat is None else _probs(scores.transpose(-2, -1), None, drop_tok) @ v_lat
+        return lat, tok
+    # Two one-way calls with the roles swapped: equal to the above, A is just computed twice.
+    lat = attention(r_lat, r_tok, v_tok, scale=scale, key_padding_mask=padding_mask, dropout_p=drop_lat,
+                    backend=backend)
+    tok = None if v_lat is None else attention(r_tok, r_lat, v_lat, scale=scale, dropout_p=drop_tok,
+                                               backend=backend)
+    return lat, tok
+
+
+def _split_heads(x: Tensor, parts: int, heads: int) -> tuple[Tensor, ...]:
+    # Fused projections are laid out (parts, heads, head_dim) along features, as in the authors' code.
+    B, L, _ = x.shape
+    return x.reshape(B, L, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)
+
+
+class BiDirectionalCrossAttention(nn.Module):
+    """Bi-directional cross-attention between latents (B, M, dim_lat) and tokens (B, N, dim_tok).
+
+    Six linear maps where two sequential cross-attentions need eight: R and V per side (fused into one Linear
+    per side) and an output projection per side. `one_sided=True` keeps only the latents' update (BiXT's last
+    layer): the latents project to R alone and the token side has no output projection.
+    """
+
+    def __init__(self, dim_lat: int, dim_tok: int | None = None, dim_attn: int | None = None, num_heads: int = 6,
+                 bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, one_sided: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        dim_tok = dim_tok or dim_lat
+        dim_attn = dim_attn or dim_lat
+        if dim_attn % num_heads:
+            raise ValueError(f"attention dim {dim_attn} is not divisible by {num_heads} heads: "
+                             "pick a head count that divides it")
+        self.num_heads = num_heads
+        self.scale = (dim_attn // num_heads) ** -0.5
+        self.one_sided = one_sided
+        self.backend = check_backend(backend)
+        self.attn_drop = attn_drop  # the two directions drop independently, at the same rate
+        if one_sided:
+            self.r_lat = nn.Linear(dim_lat, dim_attn, bias=bias)
+        else:
+            self.rv_lat = nn.Linear(dim_lat, 2 * dim_attn, bias=bias)
+            self.proj_tok = nn.Linear(dim_attn, dim_tok)
+        self.rv_tok = nn.Linear(dim_tok, 2 * dim_attn, bias=bias)
+        self.proj_lat = nn.Linear(dim_attn, dim_lat)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, latents: Tensor, tokens: Tensor,
+                padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if self.one_sided:
+            (r_lat,), v_lat = _split_heads(self.r_lat(latents), 1, self.num_heads), None
+        else:
+            r_lat, v_lat = _split_heads(self.rv_lat(latents), 2, self.num_heads)
+        r_tok, v_tok = _split_heads(self.rv_tok(tokens), 2, self.num_heads)
+        p = self.attn_drop if self.training else 0.0
+        lat, tok = bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale=self.scale, padding_mask=padding_mask,
+                                           dropout_p=(p, p), backend=self.backend)
+        lat = self.proj_drop(self.proj_lat(_merge_heads(lat)))
+        if tok is not None:
+            tok = self.proj_drop(self.proj_tok(_merge_heads(tok)))
+        return lat, tok
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (ViT-style); used on the latents."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by {num_heads} heads: pick a head count that divides it")
+        self.num_heads = num_heads
+        self.backend = check_backend(backend)
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
+        out = attention(q, k, v, key_padding_mask=key_padding_mask,
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        return self.proj_drop(self.proj(_merge_heads(out)))

@@ -1,0 +1,121 @@
+"""BiXT configurations: one dataclass, one table of named configs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from bixt.attention import check_backend
+from bixt.tokenizers import MODALITIES
+
+
+@dataclass(frozen=True)
+class BiXTConfig:
+    """Everything that defines a BiXT. The defaults are BiXT-Ti/16 for 224 px ImageNet."""
+
+    # Input: which tokenizer, and the default input it is sized for.
+    modality: str = "image"  # image | points | sequence
+    in_chans: int = 3  # image channels; channels per point (xyz first); features per sequence token (0: ids)
+    img_size: int = 224  # images: the default side; any multiple of the stride runs
+    patch_size: int = 16
+    stride: int = 16  # 16, 8, 4: the authors' /16, /8 and /4 tokenizers (overlapping 16 px patches)
+    pos_buffer: bool = True  # keep the img_size grid's Fourier features as a buffer (authors' fixed variants)
+    seq_len: int = 1024  # points / sequences: the default number of tokens
+    vocab_size: int = 0  # sequences of integer ids
+    fourier_bands: int = 16  # points: Fourier bands per coordinate
+    max_freq: float = 32.0
+    # Body.
+    num_latents: int = 64
+    dim: int = 192  # latent dim
+    token_dim: int | None = None  # defaults to dim
+    attn_dim: int | None = None  # inner dim of the cross-attention; defaults to dim
+    depth: int = 12
+    heads: int = 6  # latent self-attention heads
+    cross_heads: int | None = None  # defaults to heads
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True  # bias of the fused qkv and r/v projections
+    layerscale: float | None = None  # LayerScale init value; None disables it
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, linear in depth from 0 to this
+    attn_backend: str = "auto"
+    # Outputs.
+    num_classes: int = 1000  # 0: no classification head
+    dense_classes: int = 0  # > 0: per-token head on the token stream, and the last layer stays two-sided
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}: choose one of {', '.join(MODALITIES)}")
+        for name in ("num_latents", "dim", "depth", "heads", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads={self.heads}: choose heads that divide it "
+                             f"(e.g. {self.dim // 32 or 1} for head dim 32)")
+        if self.cross_attn_dim % self.ca_heads:
+            raise ValueError(f"attention dim {self.cross_attn_dim} is not divisible by cross_heads={self.ca_heads}:"
+                             " choose cross_heads that divide it")
+        if self.num_classes < 0 or self.dense_classes < 0:
+            raise ValueError("num_classes and dense_classes must be >= 0")
+        check_backend(self.attn_backend)
+
+    @property
+    def tok_dim(self) -> int:
+        return self.token_dim or self.dim
+
+    @property
+    def cross_attn_dim(self) -> int:
+        return self.attn_dim or self.dim
+
+    @property
+    def ca_heads(self) -> int:
+        return self.cross_heads or self.heads
+
+    @property
+    def two_sided_last(self) -> bool:
+        """Dense models keep refining the tokens in the last layer; classifiers need only the latents there."""
+        return self.dense_classes > 0
+
+    @property
+    def default_tokens(self) -> int:
+        return (self.img_size // self.stride) ** 2 if self.modality == "image" else self.seq_len
+
+    def summary(self) -> dict:
+        """The columns of `bixt models`."""
+        return {"modality": self.modality, "latents": self.num_latents, "dim": self.dim, "depth": self.depth,
+                "heads": self.heads, "tokens": self.default_tokens}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named configs: overrides of the BiXT-Ti/16 defaults. Parameter counts and GMACs of the image models are the
+# authors' (BIXT-FACTS.md section 2) and are tested. `_ft384`: fine-tuned at 384 px with the positional
+# encoding recomputed per input (no stored grid). `d13`: one more layer, for dense fine-tuning.
+_FT384 = {"img_size": 384, "pos_buffer": False}
+_ED256 = {"dim": 256, "heads": 8}
+MODEL_TABLE: dict[str, dict] = {
+    "bixt_ti_l64_p16": {},
+    "bixt_ti_l64_p16s8": {"stride": 8},
+    "bixt_ti_l64_p16s4": {"stride": 4},
+    "bixt_ti_l64_p16_ft384": {**_FT384},
+    "bixt_ti_l64_p16s8_ft384": {"stride": 8, **_FT384},
+    "bixt_ti_l64_p16s4_ft384": {"stride": 4, **_FT384},
+    "bixt_ti_l32_p16": {"num_latents": 32},
+    "bixt_ti_l32_p16s8": {"num_latents": 32, "stride": 8},
+    "bixt_ti_l128_p16": {"num_latents": 128},
+    "bixt_ti_l128_p16s8": {"num_latents": 128, "stride": 8},
+    "bixt_ti_l64_d13_p16": {"depth": 13},
+    "bixt_ti_l64_d13_p16s8": {"depth": 13, "stride": 8},
+    "bixt_ti_l64_d13_p16s4": {"depth": 13, "stride": 4},
+    "bixt_ti_l64_d13_p16_ft384": {"depth": 13, **_FT384},
+    "bixt_ti_l64_d13_p16s8_ft384": {"depth": 13, "stride": 8, **_FT384},
+    "bixt_ed256_l64_p16": {**_ED256},
+    "bixt_ed256_l64_p16s8": {**_ED256, "stride": 8},
+    "bixt_ed256_l64_p16s8_ft384": {**_ED256, "stride": 8, **_FT384},
+    "bixt_ed256LS_l64_p16s8": {**_ED256, "stride": 8, "layerscale": 1e-5},
+    "bixt_ed256LS_l64_p16s8_ft384": {**_ED256, "stride": 8, "layerscale": 1e-5, **_FT384},
+    # Other modalities, same Ti body: ModelNet40-style point clouds and byte-level text (LRA-style).
+    "bixt_ti_l64_points": {"modality": "points", "in_chans": 3, "seq_len": 1024, "num_classes": 40},
+    "bixt_ti_l64_text": {"modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 4096,
+                         "num_classes": 2},
+}
+CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in MODEL_TABLE.items()}

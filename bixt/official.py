@@ -1,0 +1,66 @@
+"""Bridge to the authors' code (mrkshllr/BiXT, `timm/models/bixt.py`): their constructor arguments -> our config."""
+from __future__ import annotations
+
+from bixt.configs import BiXTConfig
+from bixt.model import BiXT
+
+# The authors' tokenizer classes (the start of `embed_layer`) -> stride as a fraction of the patch size.
+_STRIDE_DIVISOR = {"PatchEmbed": 1, "PatchEmbedHalfStride": 2, "PatchEmbedQuarterStride": 4}
+_POSENC = {"fourier2d_embadd_proj": True, "fourier2d_embadd_proj_dyn": False}  # -> pos_buffer
+# Arguments that change nothing we compute (init schemes, flags for their training script).
+_IGNORED = {"weight_init", "latinit", "pretrained", "pretrained_strict", "pretrained_cfg", "block_fn",
+            "norm_layer", "act_layer", "global_pool", "fc_norm"}
+_RATES = ("drop_rate", "attn_drop_rate", "drop_path_rate")  # the authors set each per block type (sa_, ca_)
+
+
+def config_from_official_args(args: dict) -> BiXTConfig:
+    """Our config for the authors' `BiXT(**args)` (as stored in the parity fixtures' JSON files)."""
+    a = {"img_size": 224, "patch_size": 16, "in_chans": 3, "num_classes": 1000, "num_latents": 64,
+         "embed_dim_lat": 192, "embed_dim_pat": None, "embed_dim_attn": None, "depth": 12, "sa_num_heads": 6,
+         "ca_num_heads": 6, "sa_mlp_ratio": 4.0, "ca_lat_mlp_ratio": 4.0, "ca_pat_mlp_ratio": 4.0,
+         "qkv_bias": True, "rv_bias": True, "init_values": None, "embed_layer": "PatchEmbed",
+         "posenc_type_pat": "fourier2d_embadd_proj", "global_pool": "avg", "fc_norm": True, **args}
+    unknown = sorted(set(a) - set(_known_args()))
+    if unknown:
+        raise ValueError(f"unsupported BiXT arguments {', '.join(unknown)}: this bridge knows "
+                         f"{', '.join(sorted(_known_args()))}")
+    if a["global_pool"] != "avg" or a["fc_norm"] is not True:
+        raise ValueError("only the authors' default head (global_pool='avg', fc_norm=True) is supported")
+    if a["qkv_bias"] != a["rv_bias"]:
+        raise ValueError("qkv_bias and rv_bias must agree: one config flag covers both")
+    if len({a["sa_mlp_ratio"], a["ca_lat_mlp_ratio"], a["ca_pat_mlp_ratio"]}) != 1:
+        raise ValueError("differing MLP ratios per block are not supported: one mlp_ratio covers all")
+    tokenizer = str(a["embed_layer"]).split()[0]
+    if tokenizer not in _STRIDE_DIVISOR or a["posenc_type_pat"] not in _POSENC:
+        raise ValueError(f"unsupported tokenizer {tokenizer!r} / positional encoding {a['posenc_type_pat']!r}: "
+                         f"known are {', '.join(_STRIDE_DIVISOR)} / {', '.join(_POSENC)}")
+    rates = {}
+    for k in _RATES:
+        sa, ca = a.get(f"sa_{k}", 0.0), a.get(f"ca_{k}", 0.0)
+        if sa != ca:
+            raise ValueError(f"sa_{k}={sa} and ca_{k}={ca} differ: one {k} covers both block types here")
+        rates[k] = sa
+    dim = a["embed_dim_lat"]
+    return BiXTConfig(
+        img_size=a["img_size"], patch_size=a["patch_size"], in_chans=a["in_chans"],
+        stride=a["patch_size"] // _STRIDE_DIVISOR[tokenizer], pos_buffer=_POSENC[a["posenc_type_pat"]],
+        num_classes=a["num_classes"], num_latents=a["num_latents"], dim=dim,
+        token_dim=None if a["embed_dim_pat"] in (None, dim) else a["embed_dim_pat"],
+        attn_dim=None if a["embed_dim_attn"] in (None, dim) else a["embed_dim_attn"],
+        depth=a["depth"], heads=a["sa_num_heads"],
+        cross_heads=None if a["ca_num_heads"] == a["sa_num_heads"] else a["ca_num_heads"],
+        mlp_ratio=float(a["sa_mlp_ratio"]), qkv_bias=bool(a["qkv_bias"]), layerscale=a["init_values"] or None,
+        **rates)
+
+
+def _known_args() -> set[str]:
+    sides = {f"{s}_{k}" for s in ("sa", "ca") for k in _RATES}
+    return sides | _IGNORED | {
+        "img_size", "patch_size", "in_chans", "num_classes", "num_latents", "embed_dim_lat", "embed_dim_pat",
+        "embed_dim_attn", "depth", "sa_num_heads", "ca_num_heads", "sa_mlp_ratio", "ca_lat_mlp_ratio",
+        "ca_pat_mlp_ratio", "qkv_bias", "rv_bias", "init_values", "embed_layer", "posenc_type_pat"}
+
+
+def build_from_official_args(args: dict) -> BiXT:
+    """This project's BiXT computing what the authors' `BiXT(**args)` computes (load their weights next)."""
+    return BiXT(config_from_official_args(args))

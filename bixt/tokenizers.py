@@ -1,0 +1,178 @@
+"""Tokenizers: turn images, point clouds or sequences into a (B, N, dim) token stream.
+
+One interface for every modality, so BiXT and the baselines can be handed the same tensors:
+  forward(x) -> (B, N, dim)
+  example_input(batch_size, seq_len) -> a random input that yields exactly seq_len tokens
+  default_seq_len: the number of tokens at the model's default input
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from bixt.posenc import fourier_features, fourier_grid_2d, sincos_1d
+
+MODALITIES = ("image", "points", "sequence")
+
+
+def _check_rank(x: Tensor, rank: int | tuple[int, ...], what: str) -> None:
+    ranks = (rank,) if isinstance(rank, int) else rank
+    if x.ndim not in ranks:
+        raise ValueError(f"{what}, got a tensor of shape {tuple(x.shape)}")
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if seq_len <= 0:
+        raise ValueError(f"sequence length must be positive, got {seq_len}")
+
+
+def nearest_squares(n: int) -> tuple[int, int]:
+    root = math.isqrt(max(n, 1))
+    return root * root, (root + 1) ** 2
+
+
+class FourierPosEmbed2d(nn.Module):
+    """Fixed 2-D Fourier features of the token grid, projected by a learned 1x1 conv and added to the tokens.
+
+    With `grid` given, the features of that grid are kept as the buffer `pos` (the authors' fixed-size models
+    store it in their checkpoints); any other grid is computed on the fly, so one model runs at any size.
+    """
+
+    def __init__(self, dim: int, grid: tuple[int, int] | None = None, hidden: int = 32):
+        super().__init__()
+        self.hidden = hidden
+        self.proj = nn.Conv2d(2 * hidden, dim, kernel_size=1)
+        if grid is not None:
+            self.register_buffer("pos", fourier_grid_2d(*grid, hidden=hidden))
+
+    def forward(self, h: int, w: int) -> Tensor:
+        pos = getattr(self, "pos", None)
+        if pos is None or pos.shape[1:] != (h, w):
+            pos = fourier_grid_2d(h, w, hidden=self.hidden, device=self.proj.weight.device)
+        return self.proj(pos.to(self.proj.weight.dtype)).flatten(1).transpose(0, 1)  # (h * w, dim)
+
+
+class ImageTokenizer(nn.Module):
+    """Conv patch embedding: kernel `patch_size`, stride `stride`, padding (patch_size - stride) / 2.
+
+    stride 16, 8, 4 with patch 16 are the authors' /16, /8 (`p16s8`) and /4 (`p16s4`) tokenizers: the last two
+    are overlapping 16x16 patches. An H x W image gives an (H / stride) x (W / stride) grid.
+    """
+
+    modality = "image"
+
+    def __init__(self, dim: int, in_chans: int = 3, patch_size: int = 16, stride: int = 16, img_size: int = 224,
+                 pos_buffer: bool = True):
+        super().__init__()
+        if stride <= 0 or stride > patch_size or (patch_size - stride) % 2:
+            raise ValueError(f"stride {stride} does not fit patch size {patch_size}: use a stride <= the patch "
+                             "size with an even difference (16 with 16, 8 or 4)")
+        if img_size % stride:
+            raise ValueError(f"image size {img_size} is not divisible by the stride {stride}: "
+                             f"use a multiple of {stride}")
+        self.in_chans, self.stride, self.img_size = in_chans, stride, img_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=stride,
+                              padding=(patch_size - stride) // 2)
+        grid = img_size // stride
+        self.default_seq_len = grid * grid
+        self.pos_embed = FourierPosEmbed2d(dim, grid=(grid, grid) if pos_buffer else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_rank(x, 4, f"image models take (B, {self.in_chans}, H, W) images")
+        B, C, H, W = x.shape
+        if C != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} image channels, got {C}: convert the images or create "
+                             f"the model with in_chans={C}")
+        if H % self.stride or W % self.stride:
+            raise ValueError(f"image size {H}x{W} is not divisible by the stride {self.stride}: resize or crop "
+                             f"to a multiple of {self.stride}")
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2) + self.pos_embed(*x.shape[2:])
+
+    def example_input(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> Tensor:
+        seq_len = seq_len or self.default_seq_len
+        _check_seq_len(seq_len)
+        side = math.isqrt(seq_len)
+        if side * side != seq_len:
+            lo, hi = nearest_squares(seq_len)
+            raise ValueError(f"an image model needs a square number of tokens, got {seq_len}: "
+                             f"use {lo} or {hi} (a {math.isqrt(lo)}^2 or {math.isqrt(hi)}^2 grid)")
+        return torch.randn(batch_size, self.in_chans, side * self.stride, side * self.stride, device=device,
+                           dtype=dtype)
+
+
+class PointTokenizer(nn.Module):
+    """Points (B, N, in_chans): xyz in [-1, 1] first, then any per-point features (normals, colours...).
+
+    Each point becomes one token: a linear embedding of all its channels plus a linear projection of Fourier
+    features of its coordinates. No neighbourhood grouping: BiXT's tokens refine themselves.
+    """
+
+    modality = "points"
+
+    def __init__(self, dim: int, in_chans: int = 3, fourier_bands: int = 16, max_freq: float = 32.0,
+                 seq_len: int = 1024):
+        super().__init__()
+        if in_chans < 3:
+            raise ValueError(f"point clouds need at least the 3 coordinates per point, got in_chans={in_chans}")
+        self.in_chans, self.bands, self.max_freq = in_chans, fourier_bands, max_freq
+        self.default_seq_len = seq_len
+        self.embed = nn.Linear(in_chans, dim)
+        self.pos_proj = nn.Linear(3 * 2 * fourier_bands, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_rank(x, 3, f"point models take (B, N, {self.in_chans}) point clouds")
+        if x.shape[-1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} channels per point, got {x.shape[-1]}: create the model "
+                             f"with in_chans={x.shape[-1]}")
+        return self.embed(x) + self.pos_proj(fourier_features(x[..., :3], self.bands, self.max_freq))
+
+    def example_input(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> Tensor:
+        seq_len = seq_len or self.default_seq_len
+        _check_seq_len(seq_len)
+        return torch.rand(batch_size, seq_len, self.in_chans, device=device, dtype=dtype) * 2 - 1
+
+
+class SequenceTokenizer(nn.Module):
+    """Sequences: integer ids (B, N) with `vocab_size` > 0, else features (B, N, in_chans); 1-D sin-cos positions."""
+
+    modality = "sequence"
+
+    def __init__(self, dim: int, in_chans: int = 0, vocab_size: int = 0, seq_len: int = 1024):
+        super().__init__()
+        if (vocab_size > 0) == (in_chans > 0):
+            raise ValueError("a sequence model takes either integer ids (set vocab_size) or feature vectors "
+                             f"(set in_chans), got vocab_size={vocab_size}, in_chans={in_chans}")
+        self.in_chans, self.vocab_size, self.dim = in_chans, vocab_size, dim
+        self.default_seq_len = seq_len
+        self.embed = nn.Embedding(vocab_size, dim) if vocab_size else nn.Linear(in_chans, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.vocab_size:
+            _check_rank(x, 2, "this sequence model takes (B, N) integer token ids")
+            if x.is_floating_point():
+                raise ValueError("this sequence model takes integer token ids, got floats: pass a long tensor")
+        else:
+            _check_rank(x, 3, f"this sequence model takes (B, N, {self.in_chans}) features")
+        tokens = self.embed(x)
+        return tokens + sincos_1d(x.shape[1], self.dim, device=x.device).to(tokens.dtype)
+
+    def example_input(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> Tensor:
+        seq_len = seq_len or self.default_seq_len
+        _check_seq_len(seq_len)
+        if self.vocab_size:
+            return torch.randint(self.vocab_size, (batch_size, seq_len), device=device)
+        return torch.randn(batch_size, seq_len, self.in_chans, device=device, dtype=dtype)
+
+
+def build_tokenizer(cfg, dim: int) -> nn.Module:
+    """The tokenizer a model config asks for (any config with the input fields of `BiXTConfig`)."""
+    if cfg.modality == "image":
+        return ImageTokenizer(dim, cfg.in_chans, cfg.patch_size, cfg.stride, cfg.img_size, cfg.pos_buffer)
+    if cfg.modality == "points":
+        return PointTokenizer(dim, cfg.in_chans, cfg.fourier_bands, cfg.max_freq, cfg.seq_len)
+    if cfg.modality == "sequence":
+        return SequenceTokenizer(dim, cfg.in_chans, cfg.vocab_size, cfg.seq_len)
+    raise ValueError(f"unknown modality {cfg.modality!r}: choose one of {', '.join(MODALITIES)}")

@@ -1,0 +1,1 @@
+"""The `bixt` command line: thin Typer wrappers around library functions."""

@@ -1,0 +1,47 @@
+"""The command line: thin wrappers, one-line errors with exit code 2, and the README/CI contract."""
+import json
+import re
+
+from conftest import ROOT
+from typer.testing import CliRunner
+
+from bixt_cli.main import app
+
+runner = CliRunner()
+
+
+def test_models_table_and_json():
+    result = runner.invoke(app, ["models", "--filter", "bixt_ti_l64_p16*"])
+    assert result.exit_code == 0, result.output
+    assert "bixt_ti_l64_p16s4_ft384" in result.output and "15,121,192" in result.output
+    result = runner.invoke(app, ["models", "--json", "--family", "bixt"])
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["bixt_ed256LS_l64_p16s8"]["params"] == 26_700_008
+    assert rows["bixt_ti_l64_p16s8"]["tokens"] == 784 and rows["bixt_ti_l64_p16s8"]["latents"] == 64
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "models" in result.output
+
+
+def test_bad_input_is_one_line_exit_2():
+    for args, message in [(["models", "--family", "nope"], "unknown family 'nope'"),
+                          (["models", "--filter", "zzz*"], "no model matches 'zzz*'")]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2
+        assert message in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", text, re.S).group(1)
+    return [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_readme_opens_with_two_setup_commands_and_ci_runs_the_test_one():
+    main, tests = readme_commands()
+    assert "pip install" in main and "bixt " in main
+    assert "pip install" in tests and "pytest" in tests
+    assert tests in (ROOT / ".ci" / "run").read_text()
