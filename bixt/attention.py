@@ -9,6 +9,8 @@ Backends, chosen by name:
   sdpa      two `scaled_dot_product_attention` calls with the roles swapped. No M x N tensor is kept,
             at the price of computing R_lat R_tok^T twice; the fused kernels make it the fastest on CPU.
   xformers  the same two calls through xformers' memory-efficient kernel. CUDA only, imported lazily.
+  fused     bi-directional attention in one pass over token chunks: A computed once, never kept whole
+            (bixt/fused.py). No attention dropout. One-way attention (latent self-attention) runs on sdpa.
   auto      the fastest available for the tensor's device and dtype.
 
 Padding masks are (B, N) bool with True marking padding (as `key_padding_mask` in torch): a padded token
@@ -23,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BACKENDS = ("auto", "math", "sdpa", "xformers")
+from bixt.fused import fused_bidirectional_attention, fused_wins
+
+BACKENDS = ("auto", "math", "sdpa", "xformers", "fused")
 
 
 def check_backend(name: str) -> str:
@@ -101,7 +105,15 @@ def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, 
     """
     scale = r_lat.shape[-1] ** -0.5 if scale is None else scale
     drop_lat, drop_tok = dropout_p
-    if resolve_backend(backend, r_lat.device, r_lat.dtype) == "math":
+    name = resolve_backend(backend, r_lat.device, r_lat.dtype)
+    if backend == "auto" and not (drop_lat or drop_tok) and fused_wins(r_lat, r_tok):
+        name = "fused"
+    if name == "fused":
+        if drop_lat or drop_tok:
+            raise ValueError("the fused attention backend has no attention dropout: use backend 'auto' or 'sdpa' "
+                             "while training with attn_drop > 0")
+        return fused_bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale, padding_mask)
+    if name == "math":
         scores = (r_lat @ r_tok.transpose(-2, -1)) * scale  # the one B x H x M x N matrix
         lat = _probs(scores, padding_mask, drop_lat) @ v_tok
         tok = None if v_lat is None else _probs(scores.transpose(-2, -1), None, drop_tok) @ v_lat
@@ -170,6 +182,57 @@ class BiDirectionalCrossAttention(nn.Module):
         if tok is not None:
             tok = self.proj_drop(self.proj_tok(_merge_heads(tok)))
         return lat, tok
+
+
+class SequentialCrossAttention(nn.Module):
+    """Two one-way cross-attentions, one after the other: the naive alternative BiXT is compared with.
+
+    The latents read the tokens (`read_tokens`), then the tokens read the UPDATED latents (`read_latents`); what
+    happens to the latents in between (BiXT's sequential layer: their residual and MLP) is the caller's. Each
+    direction has its own q, k, v and output projections: 8 linear maps where bi-directional attention has 6 (k and
+    v fused into one Linear per direction). `one_sided=True` keeps only the latents' direction.
+    """
+
+    def __init__(self, dim_lat: int, dim_tok: int | None = None, dim_attn: int | None = None, num_heads: int = 6,
+                 bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, one_sided: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        dim_tok = dim_tok or dim_lat
+        dim_attn = dim_attn or dim_lat
+        if dim_attn % num_heads:
+            raise ValueError(f"attention dim {dim_attn} is not divisible by {num_heads} heads: "
+                             "pick a head count that divides it")
+        self.num_heads = num_heads
+        self.scale = (dim_attn // num_heads) ** -0.5
+        self.one_sided = one_sided
+        self.backend = check_backend(backend)
+        self.attn_drop = attn_drop
+        self.q_lat = nn.Linear(dim_lat, dim_attn, bias=bias)
+        self.kv_tok = nn.Linear(dim_tok, 2 * dim_attn, bias=bias)
+        self.proj_lat = nn.Linear(dim_attn, dim_lat)
+        if not one_sided:
+            self.q_tok = nn.Linear(dim_tok, dim_attn, bias=bias)
+            self.kv_lat = nn.Linear(dim_lat, 2 * dim_attn, bias=bias)
+            self.proj_tok = nn.Linear(dim_attn, dim_tok)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _read(self, to_q: nn.Linear, to_kv: nn.Linear, to_out: nn.Linear, x: Tensor, context: Tensor,
+              key_padding_mask: Tensor | None) -> Tensor:
+        (q,) = _split_heads(to_q(x), 1, self.num_heads)
+        k, v = _split_heads(to_kv(context), 2, self.num_heads)
+        out = attention(q, k, v, scale=self.scale, key_padding_mask=key_padding_mask,
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        return self.proj_drop(to_out(_merge_heads(out)))
+
+    def read_tokens(self, latents: Tensor, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The latents' update from the tokens (both normalised): (B, M, dim_lat)."""
+        return self._read(self.q_lat, self.kv_tok, self.proj_lat, latents, tokens, padding_mask)
+
+    def read_latents(self, tokens: Tensor, latents: Tensor) -> Tensor:
+        """The tokens' update from the (updated, normalised) latents: (B, N, dim_tok)."""
+        if self.one_sided:
+            raise ValueError("this cross-attention is one-sided: create it with one_sided=False to update tokens")
+        return self._read(self.q_tok, self.kv_lat, self.proj_tok, tokens, latents, None)
 
 
 class SelfAttention(nn.Module):

@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass
 from bixt.attention import check_backend
 from bixt.tokenizers import MODALITIES
 
+# How latents and tokens exchange information in each layer (the paper's Table 1): one shared similarity matrix
+# (BiXT), two one-way cross-attentions one after the other, or latents re-reading the embedded tokens (Perceiver-like,
+# the tokens are never refined).
+CROSS_ATTENTION = ("bidirectional", "sequential", "iterative")
+
 
 @dataclass(frozen=True)
 class BiXTConfig:
@@ -30,6 +35,7 @@ class BiXTConfig:
     depth: int = 12
     heads: int = 6  # latent self-attention heads
     cross_heads: int | None = None  # defaults to heads
+    cross_attention: str = "bidirectional"  # bidirectional | sequential | iterative: ablations, see CROSS_ATTENTION
     mlp_ratio: float = 4.0
     qkv_bias: bool = True  # bias of the fused qkv and r/v projections
     layerscale: float | None = None  # LayerScale init value; None disables it
@@ -56,6 +62,9 @@ class BiXTConfig:
         if self.num_classes < 0 or self.dense_classes < 0:
             raise ValueError("num_classes and dense_classes must be >= 0")
         check_backend(self.attn_backend)
+        if self.cross_attention not in CROSS_ATTENTION:
+            raise ValueError(f"unknown cross_attention {self.cross_attention!r}: choose one of "
+                             f"{', '.join(CROSS_ATTENTION)}")
 
     @property
     def tok_dim(self) -> int:
@@ -72,7 +81,12 @@ class BiXTConfig:
     @property
     def two_sided_last(self) -> bool:
         """Dense models keep refining the tokens in the last layer; classifiers need only the latents there."""
-        return self.dense_classes > 0
+        return self.dense_classes > 0 and self.refines_tokens
+
+    @property
+    def refines_tokens(self) -> bool:
+        """Iterative attention never updates the tokens: every layer is one-sided."""
+        return self.cross_attention != "iterative"
 
     @property
     def default_tokens(self) -> int:
@@ -119,3 +133,13 @@ MODEL_TABLE: dict[str, dict] = {
                          "num_classes": 2},
 }
 CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in MODEL_TABLE.items()}
+
+# BiXT-Ti/16 with the other attention patterns of the paper's Table 1 (family "bixt-ablation"). Sequential: per layer
+# the latents read the tokens (then their MLP), then the tokens read those updated latents. Iterative: every layer is
+# the one-sided cross-attention of BiXT's last layer, so the latents re-read the embedded tokens, no weight sharing
+# (a weight-shared Perceiver at the same budget is `perceiver_ti`).
+ABLATION_TABLE: dict[str, dict] = {
+    "bixt_ti_sequential": {"cross_attention": "sequential"},
+    "bixt_ti_iterative": {"cross_attention": "iterative"},
+}
+ABLATION_CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in ABLATION_TABLE.items()}

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bixt.attention import BiDirectionalCrossAttention, SelfAttention, check_backend
+from bixt.attention import BiDirectionalCrossAttention, SelfAttention, SequentialCrossAttention, check_backend
 from bixt.configs import BiXTConfig
 from bixt.layers import DropPath, Mlp, layer_norm, scaled
 from bixt.tokenizers import build_tokenizer
@@ -21,11 +21,14 @@ class CrossBlock(nn.Module):
         super().__init__()
         d, dt, hidden = cfg.dim, cfg.tok_dim, int(cfg.dim * cfg.mlp_ratio)
         self.one_sided = one_sided
+        self.sequential = cfg.cross_attention == "sequential"
         self.norm_lat = layer_norm(d)
         self.norm_tok = layer_norm(dt)
-        self.attn = BiDirectionalCrossAttention(d, dt, cfg.cross_attn_dim, cfg.ca_heads, bias=cfg.qkv_bias,
-                                                attn_drop=cfg.attn_drop_rate, proj_drop=cfg.drop_rate,
-                                                one_sided=one_sided, backend=cfg.attn_backend)
+        attn = SequentialCrossAttention if self.sequential else BiDirectionalCrossAttention
+        self.attn = attn(d, dt, cfg.cross_attn_dim, cfg.ca_heads, bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate,
+                         proj_drop=cfg.drop_rate, one_sided=one_sided, backend=cfg.attn_backend)
+        if self.sequential and not one_sided:
+            self.norm_lat_read = layer_norm(d)  # the updated latents, as the tokens read them
         self.drop_path = DropPath(drop_path)
         self.ls1_lat, self.ls2_lat = scaled(d, cfg.layerscale), scaled(d, cfg.layerscale)
         self.mlp_norm_lat = layer_norm(d)
@@ -36,11 +39,17 @@ class CrossBlock(nn.Module):
             self.mlp_tok = Mlp(dt, int(dt * cfg.mlp_ratio), cfg.drop_rate)
 
     def forward(self, lat: Tensor, tok: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        dlat, dtok = self.attn(self.norm_lat(lat), self.norm_tok(tok), padding_mask)
+        tok_n = self.norm_tok(tok)
+        if self.sequential:
+            dlat = self.attn.read_tokens(self.norm_lat(lat), tok_n, padding_mask)
+        else:
+            dlat, dtok = self.attn(self.norm_lat(lat), tok_n, padding_mask)
         lat = lat + self.drop_path(self.ls1_lat(dlat))
         lat = lat + self.drop_path(self.ls2_lat(self.mlp_lat(self.mlp_norm_lat(lat))))
         if self.one_sided:
             return lat, tok
+        if self.sequential:  # only now, after the latents' update, do the tokens read them
+            dtok = self.attn.read_latents(tok_n, self.norm_lat_read(lat))
         tok = tok + self.drop_path(self.ls1_tok(dtok))
         tok = tok + self.drop_path(self.ls2_tok(self.mlp_tok(self.mlp_norm_tok(tok))))
         return lat, tok
@@ -60,8 +69,8 @@ class LatentBlock(nn.Module):
         self.ls2 = scaled(d, cfg.layerscale)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), key_padding_mask)))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -94,7 +103,8 @@ class BiXT(nn.Module):
         self.latents = nn.Parameter(torch.zeros(1, cfg.num_latents, cfg.dim))
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.layers = nn.ModuleList(
-            BiXTLayer(cfg, rates[i], one_sided=(i == cfg.depth - 1 and not cfg.two_sided_last))
+            BiXTLayer(cfg, rates[i],
+                      one_sided=not cfg.refines_tokens or (i == cfg.depth - 1 and not cfg.two_sided_last))
             for i in range(cfg.depth))
         # Mean of the latents, then norm and linear (the authors' fc_norm; there is no norm before pooling).
         self.fc_norm = layer_norm(cfg.dim)

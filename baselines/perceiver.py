@@ -1,0 +1,236 @@
+"""Perceiver (Jaegle et al. 2021) on the same inputs as BiXT.
+
+A latent array reads the input by cross-attention, then a latent self-attention stack refines it; the read repeats
+("iterative attention"), with the cross-attend weights shared after the first and, in the paper's ImageNet model,
+one latent stack shared by every repeat. The tokens are never updated: there is no token stream to give per-token
+outputs, which is the bottleneck BiXT removes.
+
+Built from BiXT's own parts: a cross-attend is BiXT's one-sided cross block (latents: norm, attention on the normed
+tokens, residual, MLP), a latent layer is BiXT's latent block, and weights and backends are handled as in BiXT, so
+a comparison differs in the attention pattern only. Images are read as the paper reads them: raw pixels (or raw
+patches) with Fourier features of their position concatenated; points and sequences use BiXT's tokenizers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from baselines.vit import check_padding_mask
+from bixt.attention import check_backend
+from bixt.layers import layer_norm
+from bixt.model import BiXT, CrossBlock, LatentBlock
+from bixt.posenc import fourier_features
+from bixt.tokenizers import MODALITIES, ImageTokenizer, build_tokenizer
+
+
+@dataclass(frozen=True)
+class PerceiverConfig:
+    """Everything that defines a Perceiver. The defaults are the paper's ImageNet model (224 px, raw pixels)."""
+
+    # Input: the same fields, names and meaning as BiXTConfig.
+    modality: str = "image"  # image | points | sequence
+    in_chans: int = 3
+    img_size: int = 224
+    patch_size: int = 1  # 1: pixels, as the paper; 16: raw 16 x 16 patches (one token per BiXT /16 token)
+    stride: int = 1
+    seq_len: int = 1024
+    vocab_size: int = 0
+    fourier_bands: int = 64  # per axis; images: concatenated with the position itself (2 * bands + 1 per axis)
+    max_freq: float = 224.0  # images: the grid's side (the paper: the 224 px resolution); points: BiXT's tokenizer
+    # Body.
+    num_latents: int = 512
+    dim: int = 1024  # latent channels
+    attn_dim: int | None = None  # q/k/v channels of the cross-attention; None: the input's channels (the paper's)
+    cross_heads: int = 1
+    heads: int = 8  # latent self-attention heads
+    num_blocks: int = 8  # cross-attends
+    self_per_block: int = 6  # latent self-attention layers after each cross-attend
+    share_cross: bool = True  # every cross-attend after the first uses one set of weights
+    share_latent: bool = True  # every repeat uses the same latent self-attention stack
+    mlp_ratio: float = 1.0
+    qkv_bias: bool = True
+    layerscale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    attn_backend: str = "auto"
+    num_classes: int = 1000
+
+    # BiXT's blocks read these.
+    cross_attention = "iterative"
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}: choose one of {', '.join(MODALITIES)}")
+        for name in ("num_latents", "dim", "heads", "cross_heads", "num_blocks", "self_per_block", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads={self.heads}: choose heads that divide it")
+        if self.cross_attn_dim % self.cross_heads:
+            raise ValueError(f"cross-attention dim {self.cross_attn_dim} is not divisible by cross_heads="
+                             f"{self.cross_heads}: set attn_dim or cross_heads so that it is")
+        if self.num_classes < 0:
+            raise ValueError("num_classes must be >= 0")
+        check_backend(self.attn_backend)
+
+    @property
+    def tok_dim(self) -> int:
+        """Channels of one input token: raw image values plus position features, or the embedding of BiXT's."""
+        if self.modality == "image":
+            return self.in_chans * self.patch_size ** 2 + 2 * (2 * self.fourier_bands + 1)
+        return self.dim
+
+    @property
+    def cross_attn_dim(self) -> int:
+        return self.attn_dim or self.tok_dim
+
+    @property
+    def ca_heads(self) -> int:
+        return self.cross_heads
+
+    @property
+    def depth(self) -> int:
+        """Latent self-attention layers applied (shared ones counted at every use)."""
+        return self.num_blocks * self.self_per_block
+
+    @property
+    def default_tokens(self) -> int:
+        return (self.img_size // self.stride) ** 2 if self.modality == "image" else self.seq_len
+
+    def summary(self) -> dict:
+        return {"modality": self.modality, "latents": self.num_latents, "dim": self.dim, "depth": self.depth,
+                "heads": self.heads, "tokens": self.default_tokens}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fourier_grid_concat(h: int, w: int, bands: int, max_freq: float, device=None) -> Tensor:
+    """The paper's image positions: per axis the coordinate in [-1, 1] and its sin/cos at `bands` frequencies from
+    1 to max_freq / 2; (h * w, 2 * (2 * bands + 1))."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device) for n in (h, w)]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(h * w, 2)
+    return torch.cat((pos, fourier_features(pos, bands, max_freq)), dim=-1)
+
+
+class FourierConcatTokenizer(nn.Module):
+    """Images as the Perceiver reads them: each token is a pixel (or a raw patch_size^2 patch, with BiXT's geometry:
+    stride, padding (patch - stride) / 2) with Fourier features of its grid position concatenated. Nothing learned:
+    the cross-attention's key/value projections are the embedding."""
+
+    modality = "image"
+    example_input = ImageTokenizer.example_input  # the same input contract as BiXT's image tokenizer
+
+    def __init__(self, in_chans: int = 3, patch_size: int = 1, stride: int = 1, img_size: int = 224,
+                 fourier_bands: int = 64, max_freq: float = 224.0):
+        super().__init__()
+        if stride <= 0 or stride > patch_size or (patch_size - stride) % 2:
+            raise ValueError(f"stride {stride} does not fit patch size {patch_size}: use a stride <= the patch "
+                             "size with an even difference (1 with 1; 16 with 16, 8 or 4)")
+        if img_size % stride:
+            raise ValueError(f"image size {img_size} is not divisible by the stride {stride}: "
+                             f"use a multiple of {stride}")
+        self.in_chans, self.patch_size, self.stride = in_chans, patch_size, stride
+        self.bands, self.max_freq = fourier_bands, max_freq
+        self.default_seq_len = (img_size // stride) ** 2
+        self.out_dim = in_chans * patch_size ** 2 + 2 * (2 * fourier_bands + 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"image models take (B, {self.in_chans}, H, W) images, got a tensor of shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} image channels, got {x.shape[1]}: convert the images or "
+                             f"create the model with in_chans={x.shape[1]}")
+        B, _, H, W = x.shape
+        if H % self.stride or W % self.stride:
+            raise ValueError(f"image size {H}x{W} is not divisible by the stride {self.stride}: resize or crop "
+                             f"to a multiple of {self.stride}")
+        values = F.unfold(x, self.patch_size, padding=(self.patch_size - self.stride) // 2, stride=self.stride)
+        # float32: in half precision sin(pi * 112 * x) would be noise.
+        pos = fourier_grid_concat(H // self.stride, W // self.stride, self.bands, self.max_freq, x.device)
+        pos = pos.to(x.dtype)
+        return torch.cat((values.transpose(1, 2), pos.expand(B, -1, -1)), dim=-1)
+
+
+NO_TOKENS = ("Perceiver has no token stream: its latents read the input tokens but never update them, so there are "
+             "no per-token outputs; use a BiXT or ViT model for dense predictions")
+
+
+class Perceiver(nn.Module):
+    """Perceiver: latents read the (never updated) input tokens again and again.
+
+    model(x) -> logits (B, num_classes); forward_features(x) -> latents (B, M, dim). There are no per-token outputs:
+    forward_dense raises.
+    """
+
+    def __init__(self, cfg: PerceiverConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.dim
+        if cfg.modality == "image":
+            self.tokenizer = FourierConcatTokenizer(cfg.in_chans, cfg.patch_size, cfg.stride, cfg.img_size,
+                                                    cfg.fourier_bands, cfg.max_freq)
+        else:
+            self.tokenizer = build_tokenizer(cfg, cfg.dim)
+        self.latents = nn.Parameter(torch.zeros(1, cfg.num_latents, cfg.dim))
+        n_cross = min(cfg.num_blocks, 2) if cfg.share_cross else cfg.num_blocks
+        n_latent = cfg.self_per_block * (1 if cfg.share_latent else cfg.num_blocks)
+        self.cross = nn.ModuleList(CrossBlock(cfg, 0.0, one_sided=True) for _ in range(n_cross))
+        rates = [cfg.drop_path_rate * i / max(n_latent - 1, 1) for i in range(n_latent)]
+        self.latent = nn.ModuleList(LatentBlock(cfg, rate) for rate in rates)
+        self.fc_norm = layer_norm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.init_weights()
+
+    # BiXT's weight init, backend switch and head (mean of the latents, norm, linear): the same training recipe fits.
+    init_weights = BiXT.init_weights
+    set_backend = BiXT.set_backend
+    forward_head = BiXT.forward_head
+
+    def schedule(self) -> list[tuple[int, list[int]]]:
+        """For each repeat: the index of its cross-attend and of its latent layers in self.cross / self.latent."""
+        spb = self.cfg.self_per_block
+        return [(min(i, len(self.cross) - 1), [(0 if self.cfg.share_latent else i * spb) + j for j in range(spb)])
+                for i in range(self.cfg.num_blocks)]
+
+    def forward_features(self, x: Tensor, padding_mask: Tensor | None = None, return_tokens: bool = False) -> Tensor:
+        if return_tokens:
+            raise ValueError(NO_TOKENS)
+        tok = self.tokenizer(x)
+        check_padding_mask(padding_mask, tok)
+        if padding_mask is not None and padding_mask.all(dim=1).any():
+            raise ValueError("a sample in the batch is all padding: give every sample at least one token")
+        lat = self.latents.expand(tok.shape[0], -1, -1)
+        for cross, latent in self.schedule():
+            lat, _ = self.cross[cross](lat, tok, padding_mask)
+            for j in latent:
+                lat = self.latent[j](lat)
+        return lat
+
+    def forward_dense(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        raise ValueError(NO_TOKENS)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return self.forward_head(self.forward_features(x, padding_mask))
+
+
+# perceiver_imagenet: the paper's ImageNet model (the defaults). perceiver_ti: BiXT-Ti's budget (dim 192, 64 latents,
+# 6 heads of 32, MLP ratio 4, 12 distinct latent layers), reading BiXT-Ti/16's 196 tokens as raw 16 x 16 patches
+# with the paper's 64-band positions; a cross-attend every 3 latent layers (4 in all), shared after the first.
+_TI = {"patch_size": 16, "stride": 16, "max_freq": 14.0, "num_latents": 64, "dim": 192, "attn_dim": 192,
+       "cross_heads": 6, "heads": 6, "num_blocks": 4, "self_per_block": 3, "share_latent": False, "mlp_ratio": 4.0}
+PERCEIVER_TABLE: dict[str, dict] = {
+    "perceiver_imagenet": {},
+    "perceiver_ti": {**_TI},
+    "perceiver_ti_points": {**_TI, "modality": "points", "in_chans": 3, "seq_len": 1024, "fourier_bands": 16,
+                            "max_freq": 32.0, "num_classes": 40},
+    "perceiver_ti_text": {**_TI, "modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 4096,
+                          "num_classes": 2},
+}
+CONFIGS: dict[str, PerceiverConfig] = {name: PerceiverConfig(**row) for name, row in PERCEIVER_TABLE.items()}

@@ -1,0 +1,189 @@
+"""ViT / DeiT (Dosovitskiy et al. 2021, Touvron et al. 2021) on the same inputs as BiXT.
+
+Class token, learned positional embedding, pre-norm blocks (BiXT's latent block is exactly a ViT block), attention
+through `bixt.attention` so the backends are BiXT's. The positional embedding is resized bicubically to the input's
+token grid (as timm's `resample_abs_pos_embed`), so one model runs at any image size: `vit_ti_p16` takes 16,384
+tokens. Points and sequences use BiXT's tokenizers unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bixt.attention import check_backend
+from bixt.layers import layer_norm
+from bixt.model import BiXT, LatentBlock
+from bixt.tokenizers import MODALITIES, ImageTokenizer, build_tokenizer
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that defines a ViT. The defaults are DeiT-Ti/16 for 224 px ImageNet."""
+
+    # Input: the same fields, names and meaning as BiXTConfig, so both are handed the same tensors.
+    modality: str = "image"  # image | points | sequence
+    in_chans: int = 3
+    img_size: int = 224  # images: the grid the positional embedding is learned on; other sizes resize it
+    patch_size: int = 16
+    stride: int = 16
+    seq_len: int = 1024
+    vocab_size: int = 0
+    fourier_bands: int = 16  # points: BiXT's point tokenizer
+    max_freq: float = 32.0
+    # Body.
+    dim: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layerscale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    attn_backend: str = "auto"
+    # Outputs.
+    num_classes: int = 1000  # head on the class token; 0: none
+    dense_classes: int = 0  # > 0: per-token head on the patch tokens
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}: choose one of {', '.join(MODALITIES)}")
+        for name in ("dim", "depth", "heads", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads={self.heads}: choose heads that divide it")
+        if self.num_classes < 0 or self.dense_classes < 0:
+            raise ValueError("num_classes and dense_classes must be >= 0")
+        check_backend(self.attn_backend)
+
+    @property
+    def default_tokens(self) -> int:
+        return (self.img_size // self.stride) ** 2 if self.modality == "image" else self.seq_len
+
+    def summary(self) -> dict:
+        return {"modality": self.modality, "latents": "-", "dim": self.dim, "depth": self.depth,
+                "heads": self.heads, "tokens": self.default_tokens}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resample_pos_embed(pos: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+    """(1, old_h * old_w, D) -> (1, new_h * new_w, D): bicubic with antialiasing in float32, as timm does."""
+    if tuple(old) == tuple(new):
+        return pos
+    grid = pos.reshape(1, *old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new, mode="bicubic", antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1).to(pos.dtype)
+
+
+class LearnedPosEmbed2d(nn.Module):
+    """A learned (1, h * w, D) table for the default grid, resized for any other grid."""
+
+    def __init__(self, dim: int, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = grid
+        self.weight = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
+
+    def forward(self, h: int, w: int) -> Tensor:
+        return resample_pos_embed(self.weight, self.grid, (h, w))[0]
+
+
+class ViTImageTokenizer(ImageTokenizer):
+    """BiXT's conv patch embedding with ViT's learned positional embedding in place of the Fourier features."""
+
+    def __init__(self, dim: int, in_chans: int = 3, patch_size: int = 16, stride: int = 16, img_size: int = 224):
+        super().__init__(dim, in_chans, patch_size, stride, img_size, pos_buffer=False)
+        side = img_size // stride
+        self.pos_embed = LearnedPosEmbed2d(dim, (side, side))
+
+
+def build_vit_tokenizer(cfg: ViTConfig) -> nn.Module:
+    if cfg.modality == "image":
+        return ViTImageTokenizer(cfg.dim, cfg.in_chans, cfg.patch_size, cfg.stride, cfg.img_size)
+    return build_tokenizer(cfg, cfg.dim)
+
+
+def check_padding_mask(mask: Tensor | None, tokens: Tensor) -> None:
+    if mask is not None and (mask.shape != tokens.shape[:2] or mask.dtype != torch.bool):
+        raise ValueError(f"padding_mask must be a (B, N) = {tuple(tokens.shape[:2])} bool tensor, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+
+
+class ViT(nn.Module):
+    """Vision Transformer: a class token and all input tokens in one self-attention stack.
+
+    model(x) -> logits (B, num_classes) from the class token; forward_features(x) -> all tokens after the final norm
+    (B, 1 + N, dim), class token first; forward_dense(x) -> (B, N, dense_classes) from the input tokens.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.dim
+        self.tokenizer = build_vit_tokenizer(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.cls_pos = nn.Parameter(torch.zeros(1, 1, cfg.dim))  # the class token's slot of timm's pos_embed
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(LatentBlock(cfg, rates[i]) for i in range(cfg.depth))
+        self.norm = layer_norm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        if cfg.dense_classes:
+            self.dense_head = nn.Linear(cfg.dim, cfg.dense_classes)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm's ViT init: truncated-normal 0.02 for Linear weights and positions, zero biases, tiny class token."""
+        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.trunc_normal_(self.cls_pos, std=0.02)
+        if isinstance(self.tokenizer, ViTImageTokenizer):
+            nn.init.trunc_normal_(self.tokenizer.pos_embed.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    set_backend = BiXT.set_backend
+
+    def forward_features(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        tok = self.tokenizer(x)
+        check_padding_mask(padding_mask, tok)
+        cls = (self.cls_token + self.cls_pos).expand(tok.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat((cls, tok), dim=1))
+        if padding_mask is not None:  # the class token is never padding
+            padding_mask = F.pad(padding_mask, (1, 0), value=False)
+        for block in self.blocks:
+            x = block(x, padding_mask)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x[:, 0] if pre_logits else self.head(x[:, 0])
+
+    def forward_dense(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if not self.cfg.dense_classes:
+            raise ValueError("this model has no dense head: create it with dense_classes=K for per-token logits")
+        return self.dense_head(self.forward_features(x, padding_mask)[:, 1:])
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if self.cfg.dense_classes and not self.cfg.num_classes:
+            return self.forward_dense(x, padding_mask)
+        return self.forward_head(self.forward_features(x, padding_mask))
+
+
+# Named configs: overrides of the DeiT-Ti/16 defaults. DeiT-Ti and DeiT-S parameter counts are the published ones
+# (5,717,416 and 22,050,664) and are tested. The points and text rows mirror BiXT's.
+VIT_TABLE: dict[str, dict] = {
+    "vit_ti_p16": {},
+    "vit_s_p16": {"dim": 384, "heads": 6},
+    "vit_ti_points": {"modality": "points", "in_chans": 3, "seq_len": 1024, "num_classes": 40},
+    "vit_ti_text": {"modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 4096, "num_classes": 2},
+}
+CONFIGS: dict[str, ViTConfig] = {name: ViTConfig(**row) for name, row in VIT_TABLE.items()}
