@@ -1,5 +1,5 @@
 """Entry point of `bixt`: importing a command module registers its commands on the app."""
-from bixt_cli import models  # noqa: F401
+from bixt_cli import measure, models  # noqa: F401
 from bixt_cli.app import app
 
 

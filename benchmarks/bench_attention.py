@@ -1,0 +1,260 @@
+"""Bi-directional attention backends head to head: time and peak memory of forward + backward, and BiXT-Ti forward
+throughput at 16,384 tokens. A benchmark script, not a test.
+
+    python benchmarks/bench_attention.py                      # N=65,536, M=64, H=6, d_h=32, batch 1, fp32
+    python benchmarks/bench_attention.py --tokens 16384 --skip-model --out /tmp/small.json
+
+Every backend runs in the same process, round-robin (repeat 1 of each, then repeat 2, ...), so a change in the
+machine's load hits all of them alike; medians are reported. Peak memory is measured in a fresh subprocess per
+backend: the peak resident set (VmHWM, reset through /proc/self/clear_refs; ru_maxrss where that is not possible)
+minus the resident set just before the call, with inputs and cotangents already allocated.
+
+Two levels: `core` is bidirectional_attention() on (B, H, L, d) tensors (what the backends differ in); `module` is
+BiDirectionalCrossAttention (projections, head split/merge) on (B, L, dim) inputs. `floor_mb` is what any backend
+must hold at the core level: the token output and the gradients of R_tok and V_tok.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bixt.attention import BiDirectionalCrossAttention, bidirectional_attention
+
+BACKENDS = ("math", "sdpa", "fused")
+console = Console()
+
+
+def core_inputs(B, H, M, N, d):
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(B, H, L, d, generator=g, requires_grad=True) for L in (M, M, N, N)]
+    return x, [torch.randn(B, H, M, d, generator=g), torch.randn(B, H, N, d, generator=g)]
+
+
+def module_inputs(B, H, M, N, d):
+    torch.manual_seed(0)
+    attn = BiDirectionalCrossAttention(H * d, num_heads=H)
+    lat, tok = torch.randn(B, M, H * d, requires_grad=True), torch.randn(B, N, H * d, requires_grad=True)
+    return attn, [lat, tok], [torch.randn(B, M, H * d), torch.randn(B, N, H * d)]
+
+
+def make_step(level, backend, shape):
+    """A closure running forward + backward once; returns (forward seconds, total seconds)."""
+    if level == "core":
+        x, cot = core_inputs(*shape)
+
+        def run():
+            return bidirectional_attention(*x, backend=backend)
+        wrt = x
+    else:
+        attn, x, cot = module_inputs(*shape)
+        attn.backend = backend
+
+        def run():
+            return attn(*x)
+        wrt = [*x, *attn.parameters()]
+
+    def step():
+        t0 = time.perf_counter()
+        out = run()
+        t1 = time.perf_counter()
+        torch.autograd.grad(out, wrt, cot)
+        return t1 - t0, time.perf_counter() - t0
+    return step
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def child_memory(level: str, backend: str, shape) -> dict:
+    """Run in a fresh process: peak resident memory of one forward + backward above the pre-call baseline."""
+    B, H, M, N, d = shape
+    make_step(level, backend, (1, H, M, 256, d))()  # load the libraries' code and thread pools on a tiny problem
+    step = make_step(level, backend, shape)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    base = _status("VmRSS:")
+    step()
+    if reset:
+        peak = _status("VmHWM:")
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_mb": (peak - base) / 2**20, "hwm_reset": reset}
+
+
+def measure_memory(level: str, backend: str, shape) -> dict:
+    cmd = [sys.executable, __file__, "--child", level, backend, "--shape", *map(str, shape)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gemm_rate(n: int = 4096, repeats: int = 7) -> float:
+    """This machine's fp32 matmul rate, GMAC/s (median of `repeats` n x n x n products)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return n**3 / statistics.median(times) / 1e9
+
+
+def _no_attention(r_lat, v_lat, r_tok, v_tok, **kw):
+    """A zero-cost stand-in for the bi-directional attention core (outputs allocated and zeroed, as any backend
+    must): the model's time with it bounds what any cross-attention backend can reach."""
+    B, H, N, d = r_tok.shape
+    tok = None if v_lat is None else r_tok.new_zeros(B, N, H, d).transpose(1, 2)
+    return torch.zeros_like(r_lat), tok
+
+
+def model_benchmark(name: str, img: int, repeats: int, backends) -> dict:
+    from fvcore.nn import FlopCountAnalysis
+
+    import bixt.attention
+    from bixt import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, img_size=img).eval()
+    x = torch.randn(1, 3, img, img)
+    with torch.inference_mode():
+        # The math backend is plain matmuls, so fvcore sees every MAC (as on the authors' model).
+        flops = FlopCountAnalysis(model.set_backend("math"), x).tracer_warnings("none")
+        flops.unsupported_ops_warnings(False)
+        macs = flops.total()
+        real = bixt.attention.bidirectional_attention
+        runs = [*backends, "no_attention"]
+        times = {b: [] for b in runs}
+        try:
+            for r in range(repeats + 1):  # the first round warms up
+                for b in runs:
+                    bixt.attention.bidirectional_attention = _no_attention if b == "no_attention" else real
+                    model.set_backend("sdpa" if b == "no_attention" else b)
+                    t0 = time.perf_counter()
+                    model(x)
+                    if r:
+                        times[b].append(time.perf_counter() - t0)
+                        console.log(f"model {name} @ {img}px, repeat {r}/{repeats}, {b}: {times[b][-1]:.2f} s")
+        finally:
+            bixt.attention.bidirectional_attention = real
+    return {"name": name, "img_size": img, "tokens": (img // model.cfg.stride) ** 2, "gmacs": macs / 1e9,
+            "seconds": {b: statistics.median(t) for b, t in times.items()}, "all_seconds": times}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)  # never a half-written result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--latents", type=int, default=64)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--model", default="bixt_ti_l64_p16")
+    p.add_argument("--model-img", type=int, default=2048, help="image side; 2048 px = 16,384 tokens at /16")
+    p.add_argument("--model-repeats", type=int, default=3)
+    p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--levels", nargs="+", default=["core", "module"], choices=["core", "module"])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_attention.json"))
+    p.add_argument("--child", nargs=2, metavar=("LEVEL", "BACKEND"), help=argparse.SUPPRESS)
+    p.add_argument("--shape", nargs=5, type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child_memory(*args.child, tuple(args.shape))))
+        return
+    shape = (args.batch, args.heads, args.latents, args.tokens, args.head_dim)
+    B, H, M, N, d = shape
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "loadavg_start": os.getloadavg()},
+              "shape": dict(zip(("batch", "heads", "latents", "tokens", "head_dim"), shape, strict=True)),
+              "floor_mb": 3 * B * H * N * d * 4 / 2**20, "levels": {}}
+    result["machine"]["gemm_gmacs"] = gemm_rate()
+    console.log(f"fp32 GEMM rate: {result['machine']['gemm_gmacs']:.1f} GMAC/s")
+    for level in args.levels:
+        steps = {b: make_step(level, b, shape) for b in BACKENDS}
+        for step in steps.values():
+            step()  # warm-up
+        times = {b: [] for b in BACKENDS}
+        for r in range(args.repeats):
+            for b in BACKENDS:
+                times[b].append(steps[b]())
+            console.log(f"{level}: repeat {r + 1}/{args.repeats}: " +
+                        ", ".join(f"{b} {times[b][-1][1] * 1e3:.0f} ms" for b in BACKENDS))
+        del steps
+        mem = {b: measure_memory(level, b, shape) for b in BACKENDS}
+        result["levels"][level] = {
+            b: {"fwd_ms": statistics.median(t[0] for t in times[b]) * 1e3,
+                "fwd_bwd_ms": statistics.median(t[1] for t in times[b]) * 1e3,
+                "all_fwd_bwd_ms": [t[1] * 1e3 for t in times[b]], **mem[b]} for b in BACKENDS}
+        write_json(args.out, result)
+    if not args.skip_model:
+        result["model"] = model_benchmark(args.model, args.model_img, args.model_repeats, BACKENDS)
+        secs = result["model"]["seconds"]
+        result["model"]["best_ours"] = min(("sdpa", "fused"), key=secs.get)
+        result["model"]["best_ours_vs_math"] = secs["math"] / secs[result["model"]["best_ours"]]
+        # The machine's rate: the best of the measurements before and after (load only lowers it).
+        result["machine"]["gemm_gmacs"] = max(result["machine"]["gemm_gmacs"], gemm_rate())
+        write_json(args.out, result)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    write_json(args.out, result)
+    report(result)
+    console.print(f"written {args.out}")
+
+
+def report(result: dict) -> None:
+    fl = result["floor_mb"]
+    for level, rows in result["levels"].items():
+        t = Table(title=f"{level}: forward + backward, shape {result['shape']}  (floor {fl:.0f} MB at core level)")
+        for col in ("backend", "fwd ms", "fwd+bwd ms", "peak MB", "time / math", "time / sdpa", "math peak / peak",
+                    "math extra / extra"):
+            t.add_column(col, justify="right")
+        m, s = rows["math"], rows["sdpa"]
+        for b, r in rows.items():
+            extra = (m["peak_mb"] - fl) / max(r["peak_mb"] - fl, 1e-9) if level == "core" else float("nan")
+            t.add_row(b, f"{r['fwd_ms']:.0f}", f"{r['fwd_bwd_ms']:.0f}", f"{r['peak_mb']:.0f}",
+                      f"{r['fwd_bwd_ms'] / m['fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}",
+                      f"{m['peak_mb'] / r['peak_mb']:.1f}x", f"{extra:.1f}x")
+        console.print(t)
+    if "model" in result:
+        mo, rate = result["model"], result["machine"]["gemm_gmacs"]
+        t = Table(title=f"{mo['name']} forward, {mo['tokens']} tokens ({mo['img_size']} px), {mo['gmacs']:.1f} GMACs")
+        for col in ("backend", "seconds", "images/s", "throughput / math", "fraction of GEMM rate"):
+            t.add_column(col, justify="right")
+        for b, sec in mo["seconds"].items():
+            t.add_row(b, f"{sec:.2f}", f"{1 / sec:.3f}", f"{mo['seconds']['math'] / sec:.2f}x",
+                      f"{mo['gmacs'] / sec / rate:.0%}")
+        console.print(t)
+        console.print(f"best of ours: {mo['best_ours']}, {mo['best_ours_vs_math']:.2f}x the math backend's throughput; "
+                      "no_attention: the cross-attention core replaced by zeros (latent self-attention on sdpa), the "
+                      f"bound for any cross-attention backend. GEMM rate {rate:.1f} GMAC/s.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Counting multiply-accumulates (MACs): fvcore with handles for every attention op, and a closed form per family.
+
+Conventions (fvcore's, which the published counts use): one fused multiply-add is one MAC; counts are per sample
+(batch 1). Linear layers, convolutions and matrix products are counted; layer norms as fvcore counts them (5 per
+element with affine); elementwise ops (softmax, GELU, additions, scaling, positional features, resizing the
+positional table) count 0 by convention and are filtered out of `unsupported`, so an op listed there is one that
+really does something and was not counted (a red flag, not noise).
+
+Attention cores are counted as the kernels compute them: q k^T and a v, L * S * (E + Ev) per head for L queries
+over S keys, masks and causality ignored (as fvcore does for plain matmuls). On the `math` backend that is plain
+matmuls; on `sdpa` fvcore sees `aten::scaled_dot_product_attention` (or a kernel variant), which it would count as
+0 without the handle here; the `fused` backend is one autograd.Function (prim::PythonOp), counted by bixt.fused's
+own handle. BiXT's two-sided attention computes its similarity matrix once on `math` and `fused` and twice on
+`sdpa` (two one-way calls), so the backends differ by M * N * d_attn per two-sided layer, and each count is right
+for what runs. The split "attention" is the attention cores (SDPA, fused attention ops and the matmul / bmm /
+einsum products, which in these models occur only there; linear layers trace as `aten::linear`); "rest" is
+everything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from math import prod
+from typing import Any
+
+import torch
+from torch import nn
+
+from bixt import fused
+
+Shape = list[int]
+
+# Every SDPA entry point jit tracing can record: the public op and the per-kernel variants. All take q, k, v first.
+SDPA_OPS = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+            "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_attention_math")
+# Matrix products between two activations: in these models, attention only (see the module docstring).
+PRODUCT_OPS = ("aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
+# Ops that count 0 MACs by convention: elementwise maths, reductions over one axis, lookups, interpolation.
+ZERO_COST_OPS = frozenset(f"aten::{op}" for op in (
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "pow", "sqrt", "rsqrt", "exp", "log",
+    "sin", "cos", "tanh", "sigmoid", "softmax", "log_softmax", "gelu", "silu", "relu", "erf", "abs", "reciprocal",
+    "mean", "sum", "amax", "masked_fill", "masked_fill_", "where", "embedding", "linspace", "repeat", "expand_as",
+    "unflatten", "clone", "ne", "lt", "le", "logical_not", "feature_dropout", "native_dropout", "bernoulli_",
+    "upsample_bicubic2d", "_upsample_bicubic2d_aa", "pad", "fill_", "normal_", "one_hot", "im2col", "meshgrid",
+))
+
+
+def attention_macs(q: Shape, k: Shape, v: Shape) -> int:
+    """MACs of softmax(q k^T) v for q (..., L, E), k (..., S, E), v (..., S, Ev): L * S * (E + Ev) per batch entry.
+
+    The batch/head dims are q's, so grouped-query attention (fewer k/v heads) is counted per query head.
+    """
+    *batch, L, E = q
+    return prod(batch) * L * k[-2] * (E + v[-1])
+
+
+def _shape(value) -> Shape:
+    if not value.isCompleteTensor():
+        raise ValueError("fvcore saw an attention op without complete shapes: trace with concrete tensors")
+    return value.type().sizes()
+
+
+def sdpa_flop_jit(inputs: list, outputs: list) -> int:
+    return attention_macs(*(_shape(v) for v in inputs[:3]))
+
+
+def baddbmm_flop_jit(inputs: list, outputs: list) -> int:
+    (b, n, m), (_, _, p) = _shape(inputs[1]), _shape(inputs[2])  # inputs: self, batch1, batch2, beta, alpha
+    return b * n * m * p
+
+
+# The handles added to fvcore's defaults. A custom autograd.Function appears in the trace as prim::PythonOp.<Class>:
+# one entry here per attention Function of ours, with the MAC count its module gives.
+EXTRA_HANDLES: dict[str, Callable] = {
+    **{op: sdpa_flop_jit for op in SDPA_OPS},
+    "aten::baddbmm": baddbmm_flop_jit,
+    fused.FVCORE_OP: fused.fvcore_handle,
+}
+ATTENTION_OPS = frozenset((*SDPA_OPS, *PRODUCT_OPS, fused.FVCORE_OP))
+
+
+@dataclasses.dataclass(frozen=True)
+class MacCount:
+    """MACs of one forward pass of one sample."""
+
+    total: int
+    attention: int  # the attention cores (q k^T and a v)
+    by_operator: dict[str, int] = dataclasses.field(default_factory=dict)
+    unsupported: dict[str, int] = dataclasses.field(default_factory=dict)  # op -> occurrences, counted as 0
+
+    @property
+    def rest(self) -> int:
+        return self.total - self.attention
+
+
+def _short(op: str) -> str:
+    return op.split("::", 1)[-1]
+
+
+def count_macs(model: nn.Module, inputs: Any) -> MacCount:
+    """fvcore's count of one forward of `model(*inputs)` with the attention handles; `inputs` a tensor or tuple.
+
+    Runs the model once (jit trace) in eval mode without gradients. Count at batch 1 for MACs per sample: a few
+    terms do not grow with the batch (BiXT's positional projection is computed once per grid). Work whose result
+    is unused is dropped by the trace and not counted.
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
+    try:
+        fca = FlopCountAnalysis(model, inputs).set_op_handle(**EXTRA_HANDLES)
+        fca.unsupported_ops_warnings(False)
+        fca.uncalled_modules_warnings(False)
+        fca.tracer_warnings("none")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about python values; the counts do not depend on it
+            by_op = dict(fca.by_operator())
+            unsupported = {op: n for op, n in fca.unsupported_ops().items() if op not in ZERO_COST_OPS}
+    finally:
+        model.train(was_training)
+    attention_names = {_short(op) for op in ATTENTION_OPS}
+    attention = sum(n for op, n in by_op.items() if op in attention_names)
+    return MacCount(int(sum(by_op.values())), int(attention), {k: int(v) for k, v in by_op.items()}, unsupported)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Closed forms, term by term as fvcore counts them (batch 1): Linear in * out per row, conv in * k * k * out per
+# output position, LayerNorm 5 per element, attention L * S * (E + Ev) per head. They are an independent check of
+# the traced count (tested to 2 %) and predict the cost of a configuration before it runs.
+
+
+def _ln(rows: int, dim: int) -> int:
+    return 5 * rows * dim
+
+
+def _mlp(rows: int, dim: int, ratio: float) -> int:
+    return 2 * rows * dim * int(dim * ratio)
+
+
+def tokenizer_macs(cfg, n: int, dim: int, fourier_proj: bool) -> int:
+    """The tokenizers of `bixt.tokenizers` for n tokens; `fourier_proj`: the image 1x1 conv of the 64 Fourier
+    channels (BiXT's positional encoding; ViT's learned table and the Perceiver's raw pixels cost nothing)."""
+    if cfg.modality == "image":
+        return n * dim * cfg.in_chans * cfg.patch_size ** 2 + (n * 64 * dim if fourier_proj else 0)
+    if cfg.modality == "points":
+        return n * dim * (cfg.in_chans + 3 * 2 * cfg.fourier_bands)
+    return n * dim * cfg.in_chans  # ids: an embedding lookup, 0 MACs; features: one Linear
+
+
+def self_block_macs(rows: int, dim: int, ratio: float) -> tuple[int, int]:
+    """ViT-style block (BiXT's latent block): norms, fused qkv, attention, proj, MLP -> (total, attention)."""
+    attn = rows * rows * 2 * dim
+    return 2 * _ln(rows, dim) + rows * dim * 4 * dim + attn + _mlp(rows, dim, ratio), attn
+
+
+def cross_block_macs(cfg, n: int, kind: str, backend: str, latents_used: bool = True) -> tuple[int, int]:
+    """BiXT's cross block (bixt.model.CrossBlock) over M latents and n tokens -> (total, attention).
+
+    kind: "one-sided" (only the latents read the tokens: BiXT's last layer, iterative attention, the Perceiver's
+    cross-attend), "bidirectional" or "sequential". `latents_used=False`: the latents' update is never used (the
+    last layer of a dense-only model); fvcore's trace drops that dead work, and so does this count.
+    """
+    M, d, dt, da, r = cfg.num_latents, cfg.dim, cfg.tok_dim, cfg.cross_attn_dim, cfg.mlp_ratio
+    lat_update = M * da * d + _ln(M, d) + _mlp(M, d, r)  # proj_lat, the latents' MLP and its norm
+    # Always: the latents' and the tokens' norms, the tokens' fused reference/key + value projection.
+    total = _ln(M, d) + _ln(n, dt) + n * dt * 2 * da + (lat_update if latents_used else 0)
+    if kind == "one-sided":  # r_lat / q_lat; q k^T and a v
+        return total + M * d * da + 2 * M * n * da, 2 * M * n * da
+    if kind == "sequential":  # q_lat; then q_tok, kv_lat, the norm of the updated latents; two full attentions
+        attn = 4 * M * n * da
+        total += M * d * da + n * dt * da + M * d * 2 * da + _ln(M, d)
+    elif latents_used:  # rv_lat; one similarity matrix, built once (math, fused) or once per direction (two SDPA)
+        attn = (3 if backend in SHARED_SCORE_BACKENDS else 4) * M * n * da
+        total += M * d * 2 * da
+    else:  # only the tokens' direction is live: one similarity and one value product
+        attn = 2 * M * n * da
+        total += M * d * 2 * da
+    return total + attn + n * da * dt + _ln(n, dt) + _mlp(n, dt, r), attn  # + proj_tok and the tokens' MLP
+
+
+def _head(cfg, rows: int) -> int:
+    """Classifier on a pooled vector (norm over `rows` rows, then Linear; BiXT and Perceiver: the latents' mean)."""
+    return _ln(rows, cfg.dim) + cfg.dim * cfg.num_classes
+
+
+def bixt_macs(cfg, n: int, backend: str) -> tuple[int, int]:
+    """BiXT and its ablations (`cross_attention`: bidirectional / sequential / iterative)."""
+    total, attn = tokenizer_macs(cfg, n, cfg.tok_dim, fourier_proj=True), 0
+    dense_only = bool(cfg.dense_classes and not cfg.num_classes)
+    for i in range(cfg.depth):
+        last = i == cfg.depth - 1
+        one_sided = not cfg.refines_tokens or (last and not cfg.two_sided_last)
+        kind = "one-sided" if one_sided else cfg.cross_attention
+        cross, cross_attn = cross_block_macs(cfg, n, kind, backend, latents_used=not (last and dense_only))
+        total, attn = total + cross, attn + cross_attn
+        if not (last and dense_only):
+            latent, latent_attn = self_block_macs(cfg.num_latents, cfg.dim, cfg.mlp_ratio)
+            total, attn = total + latent, attn + latent_attn
+    if dense_only:  # per-token head on the token stream
+        return total + _ln(n, cfg.tok_dim) + n * cfg.tok_dim * cfg.dense_classes, attn
+    return total + _head(cfg, 1), attn
+
+
+def vit_macs(cfg, n: int, backend: str) -> tuple[int, int]:
+    """ViT / DeiT: a class token joins the n input tokens in every block; the final norm sees all of them."""
+    t, d = n + 1, cfg.dim
+    block, block_attn = self_block_macs(t, d, cfg.mlp_ratio)
+    total = tokenizer_macs(cfg, n, d, fourier_proj=False) + cfg.depth * block + _ln(t, d)
+    head = n * d * cfg.dense_classes if cfg.dense_classes and not cfg.num_classes else d * cfg.num_classes
+    return total + head, cfg.depth * block_attn
+
+
+def perceiver_macs(cfg, n: int, backend: str) -> tuple[int, int]:
+    """Perceiver: `num_blocks` one-sided cross-attends (shared weights still cost MACs at every use), each followed
+    by `self_per_block` latent blocks; the raw input tokens (pixels or patches + positions) are never updated."""
+    cross, cross_attn = cross_block_macs(cfg, n, "one-sided", backend)
+    latent, latent_attn = self_block_macs(cfg.num_latents, cfg.dim, cfg.mlp_ratio)
+    reps, spb = cfg.num_blocks, cfg.self_per_block
+    tokens = 0 if cfg.modality == "image" else tokenizer_macs(cfg, n, cfg.dim, fourier_proj=False)
+    return (tokens + reps * (cross + spb * latent) + _head(cfg, 1),
+            reps * (cross_attn + spb * latent_attn))
+
+
+# Backends that build the similarity matrix once for both directions of BiXT's attention.
+SHARED_SCORE_BACKENDS = frozenset({"math", "fused"})
+# family -> closed form (config, tokens, counting backend) -> (total MACs, attention MACs) per sample.
+ANALYTIC: dict[str, Callable[[Any, int, str], tuple[int, int]]] = {
+    "bixt": bixt_macs,
+    "bixt-ablation": bixt_macs,
+    "vit": vit_macs,
+    "perceiver": perceiver_macs,
+}
+
+
+def analytic_macs(family: str, cfg, n: int, backend: str) -> MacCount | None:
+    """The closed-form count for a registered family, None where the family has none."""
+    fn = ANALYTIC.get(family)
+    if fn is None:
+        return None
+    total, attention = fn(cfg, n, backend)
+    return MacCount(total, attention)

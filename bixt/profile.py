@@ -1,0 +1,360 @@
+"""Profiling one model at one input size: MACs (fvcore and closed form), peak memory and throughput.
+
+What is measured, and how (BIXT-FACTS.md section 5 lists the traps this avoids):
+- MACs: `bixt.flops.count_macs` on CPU in float32 at batch 1 (MACs per sample, as published counts), with the
+  attention handles, on the backend the model runs with (xformers, CUDA-only, is counted as sdpa: the same two
+  calls); `gmacs_analytic` is the family's closed form for the same backend.
+- Peak memory: each mode runs in a FRESH process (`python -m bixt.profile`), so nothing another configuration
+  allocated or cached is reused. Before a measured step, free heap is returned to the OS and the peak is reset;
+  the figure is the step's peak over the memory in use just before it. CPU: peak RSS (VmHWM, reset through
+  /proc/self/clear_refs); CUDA: `max_memory_allocated` over `memory_allocated`. Two figures per mode:
+  `*_peak_mem_mib`, the first step over the baseline right after model creation (activations and workspace plus
+  every one-time cost: thread pools, kernel caches; training: also AdamW's two moments and the gradients), and
+  `*_act_mem_mib`, the first timed step over the memory held between steps (activations and workspace; training:
+  also the gradients): the part that grows with the input, the one to fit a scaling exponent to.
+- Throughput: the first step (the memory one) and further steps until `warmup_s` has passed are warm-up; then at
+  least `min_iters` timed steps, more until `target_s` has passed (at most `max_iters`); the median step time, with
+  device synchronisation. Short steps are timed many times; long ones (seconds) twice.
+  A training step is forward, mean of the outputs as loss, backward, AdamW step.
+Column names follow timm's benchmark.py (samples_per_sec, param_count, gmacs) except that step times say their unit
+(`infer_step_ms`, `train_step_ms`; timm's `step_time` is also milliseconds) and `param_count` is exact, not millions.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bixt.attention import BiDirectionalCrossAttention, check_backend, resolve_backend
+from bixt.flops import analytic_macs, count_macs
+from bixt.fused import fused_wins
+from bixt.registry import get_entry, resolve_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("cpu", "cuda")
+MODES = ("infer", "train")
+STATUSES = ("ok", "oom", "skipped", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One configuration to measure. `backend` None: the model's own default. `overrides`: (field, value) pairs
+    replacing config fields (e.g. a tiny model for tests)."""
+
+    model: str
+    seq_len: int
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "fp32"
+    backend: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long to warm up and time each mode (see the module docstring)."""
+
+    warmup_s: float = 1.0
+    min_iters: int = 2  # two, so that `bixt profile` at 16k tokens (~9 s training steps on 2 cores) stays near 45 s
+    max_iters: int = 20
+    target_s: float = 3.0
+
+    def steps(self, step_s: float) -> tuple[int, int]:
+        """(warm-up steps, timed steps) the worker's loop takes when every step lasts step_s."""
+        warm = max(1, math.ceil(self.warmup_s / step_s)) if step_s > 0 else 1
+        timed = min(self.max_iters, max(self.min_iters, math.ceil(self.target_s / step_s))) if step_s > 0 else 1
+        return warm, timed
+
+
+DEFAULT_PLAN = Plan()
+QUICK_PLAN = Plan(warmup_s=0.3, min_iters=2, max_iters=10, target_s=0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A validated setup: its registry entry, config (with the backend applied) and resolved backends."""
+
+    setup: Setup
+    family: str
+    config: Any
+    backend: str | None  # what runs on the device ("auto" resolved); None for a model without attention backends
+    count_backend: str | None  # what the MACs are counted on (CPU, batch 1): the same computation as `backend`
+    param_count: int
+
+    def build(self, backend: str | None = None) -> torch.nn.Module:
+        cfg = self.config
+        if backend is not None and hasattr(cfg, "attn_backend"):
+            cfg = dataclasses.replace(cfg, attn_backend=backend)
+        return get_entry(self.setup.model).build(cfg)
+
+
+def _check_positive(value: int, what: str, fix: str) -> None:
+    if value <= 0:
+        raise ValueError(f"{what} must be positive, got {value}: {fix}")
+
+
+@functools.lru_cache(maxsize=512)  # a sweep asks again for each row; the answer depends on the setup alone
+def prepare(setup: Setup) -> Prepared:
+    """Validate a setup without running anything heavy; raises ValueError naming the problem and the fix."""
+    _check_positive(setup.seq_len, "the sequence length", "pass a number of tokens >= 1")
+    _check_positive(setup.batch_size, "--batch-size", "pass a batch size >= 1")
+    if setup.device not in DEVICES:
+        raise ValueError(f"unknown device {setup.device!r}: choose one of {', '.join(DEVICES)}")
+    if setup.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but CUDA is not available here (CPU-only torch or no GPU): use --device cpu")
+    if setup.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {setup.dtype!r}: choose one of {', '.join(DTYPES)}")
+    entry = get_entry(setup.model)
+    overrides = dict(setup.overrides)
+    has_backends = "attn_backend" in {f.name for f in dataclasses.fields(entry.config)}
+    if setup.backend is not None:
+        if not has_backends:
+            raise ValueError(f"{setup.model} has no attention backends to choose from: leave out --backend")
+        overrides["attn_backend"] = check_backend(setup.backend)
+    cfg = resolve_config(setup.model, **overrides)
+    with torch.device("meta"):  # cheap: checks the input length (e.g. a square grid for images) without weights
+        model = get_entry(setup.model).build(cfg)
+        model.tokenizer.example_input(1, setup.seq_len, device="meta")
+    backend = count_backend = None
+    if has_backends:
+        device, dtype = torch.device(setup.device), DTYPES[setup.dtype]
+        backend = resolve_backend(cfg.attn_backend, device, dtype)
+        if cfg.attn_backend == "auto" and any(isinstance(m, BiDirectionalCrossAttention) for m in model.modules()):
+            probe = torch.empty(1, device=device, dtype=dtype)  # auto picks `fused` by device, dtype and B x N
+            B = setup.batch_size
+            if fused_wins(probe.expand(B, 1, 1, 1), probe.expand(B, 1, setup.seq_len, 1)):
+                backend = "fused"
+        count_backend = "sdpa" if backend == "xformers" else backend  # xformers runs the same two calls as sdpa
+    params = sum(p.numel() for p in model.parameters())
+    return Prepared(setup, entry.family, cfg, backend, count_backend, params)
+
+
+def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = None) -> int:
+    """The token count to profile at: --seq-len, or --img-size for an image model, or the model's default input."""
+    cfg = get_entry(model).config
+    if img_size is None:
+        return cfg.default_tokens if seq_len is None else seq_len
+    if cfg.modality != "image":
+        raise ValueError(f"--img-size is for image models, and {model} reads {cfg.modality}: use --seq-len")
+    _check_positive(img_size, "--img-size", f"pass an image side that is a multiple of {cfg.stride}")
+    if img_size % cfg.stride:
+        lo = img_size // cfg.stride * cfg.stride
+        raise ValueError(f"--img-size {img_size} is not a multiple of {model}'s stride {cfg.stride}: use "
+                         f"{lo or cfg.stride} or {lo + cfg.stride}")
+    tokens = (img_size // cfg.stride) ** 2
+    if seq_len is not None and seq_len != tokens:
+        raise ValueError(f"--img-size {img_size} gives {tokens} tokens but --seq-len is {seq_len}: pass only one")
+    return tokens
+
+
+def count(prep: Prepared) -> dict:
+    """MACs per sample: fvcore (with the attention handles) and the closed form, split attention / rest."""
+    s = prep.setup
+    torch.manual_seed(0)
+    model = prep.build(prep.count_backend)
+    macs = count_macs(model, model.tokenizer.example_input(1, s.seq_len))
+    cfg = prep.config if prep.count_backend is None else dataclasses.replace(prep.config,
+                                                                             attn_backend=prep.count_backend)
+    closed = analytic_macs(prep.family, cfg, s.seq_len, prep.count_backend or "math")
+    return {"gmacs": macs.total / 1e9, "gmacs_analytic": None if closed is None else closed.total / 1e9,
+            "gmacs_attention": macs.attention / 1e9, "gmacs_rest": macs.rest / 1e9,
+            "unsupported_ops": macs.unsupported, "macs_backend": prep.count_backend or "-"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peak memory and timing, inside the fresh worker process.
+
+
+def _proc_status_kib(field: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a block over the memory in use when it starts, in MiB (`peak_mib` after the block)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mib, self.method = device, 0.0, ""
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base, self.method = torch.cuda.memory_allocated(self.device), "max_memory_allocated"
+            return self
+        with contextlib.suppress(OSError, AttributeError):  # glibc: hand freed heap back, so RSS is what is live
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.method = "peak RSS (VmHWM) over the post-creation RSS"
+        except OSError:
+            self.method = "peak RSS since start over the post-creation peak (a lower bound)"
+        self.base = self._peak_kib() * 1024
+        return self
+
+    def _peak_kib(self) -> int:
+        hwm = _proc_status_kib("VmHWM")
+        return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = self._peak_kib() * 1024
+        self.peak_mib = max(0, peak - self.base) / 2**20
+
+
+def _step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str):
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+        return step
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        model(x).float().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def run_mode(prep: Prepared, mode: str, plan: Plan) -> dict:
+    """Peak memory of the first step, then the timed steps; meant to run in a fresh process (see `measure`)."""
+    s = prep.setup
+    device, dtype = torch.device(s.device), DTYPES[s.dtype]
+    torch.manual_seed(0)
+    model = prep.build(prep.backend).to(device=device, dtype=dtype)
+    x = model.tokenizer.example_input(s.batch_size, s.seq_len, device=device, dtype=dtype)
+    step = _step_fn(model, x, mode)
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    with PeakMemory(device) as first:
+        warm = timed()
+    while warm < plan.warmup_s:
+        warm += timed()
+    with PeakMemory(device) as steady:  # the first timed step; the peak reset happens outside its timer
+        times = [timed()]
+    while len(times) < plan.min_iters or (sum(times) < plan.target_s and len(times) < plan.max_iters):
+        times.append(timed())
+    step_s = statistics.median(times)
+    return {"status": "ok", "message": "", "peak_mem_mib": first.peak_mib, "act_mem_mib": steady.peak_mib,
+            "mem_method": first.method, "step_ms": step_s * 1e3, "samples_per_sec": s.batch_size / step_s,
+            "tokens_per_sec": s.batch_size * s.seq_len / step_s, "iters": len(times)}
+
+
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def failure(status: str, message: str) -> dict:
+    return {"status": status, "message": message}
+
+
+def measure(setup: Setup, mode: str, plan: Plan = DEFAULT_PLAN, timeout: float | None = None) -> dict:
+    """Run one mode (infer | train) of a setup in a fresh Python process; its result dict, never raising for
+    OOM or errors inside the run (status oom / error with the message)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    payload = json.dumps({"setup": dataclasses.asdict(setup), "mode": mode, "plan": dataclasses.asdict(plan)})
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bixt.profile", payload], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return failure("error", f"{mode}: timed out after {timeout:.0f} s")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    if proc.returncode in (-9, 137):  # SIGKILL: on Linux, the kernel's OOM killer
+        return failure("oom", f"{mode}: killed by SIGKILL (out of memory)")
+    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return failure("error", f"{mode}: exit code {proc.returncode}: {tail[-1] if tail else 'no output'}")
+
+
+def _worker(payload: dict) -> dict:
+    setup = Setup(**{**payload["setup"], "overrides": tuple(map(tuple, payload["setup"]["overrides"]))})
+    try:
+        return run_mode(prepare(setup), payload["mode"], Plan(**payload["plan"]))
+    except Exception as e:  # noqa: BLE001 -- the parent records every failure as a row and goes on
+        return failure("oom" if is_oom(e) else "error", f"{payload['mode']}: {type(e).__name__}: {_first_line(e)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def profile(setup: Setup, modes: tuple[str, ...] = MODES, plan: Plan = DEFAULT_PLAN,
+            timeout: float | None = None) -> dict:
+    """Everything `bixt profile` reports for one setup: one flat dict (see the module docstring for the keys)."""
+    prep = prepare(setup)
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f"unknown mode {', '.join(unknown)}: choose from {', '.join(MODES)}")
+    report = describe(prep)
+    report.update(count(prep))
+    for mode in MODES:
+        report.update(mode_columns(mode, measure(setup, mode, plan, timeout) if mode in modes else None))
+    return report
+
+
+def describe(prep: Prepared) -> dict:
+    """The identifying columns of a report or a sweep row."""
+    s = prep.setup
+    cfg = prep.config
+    return {"model": s.model, "family": prep.family, "seq_len": s.seq_len,
+            "img_size": math.isqrt(s.seq_len) * cfg.stride if cfg.modality == "image" else None,
+            "batch_size": s.batch_size, "device": s.device, "dtype": s.dtype, "backend": prep.backend or "-",
+            "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+            "param_count": prep.param_count}
+
+
+def mode_columns(mode: str, result: dict | None) -> dict:
+    """A mode's result as prefixed columns (`infer_step_ms`, ...); None: the mode was not run."""
+    result = result or failure("not run", "")
+    ok = result["status"] == "ok"
+    cols = {f"{mode}_status": result["status"], f"{mode}_message": result.get("message", "")}
+    for key in ("peak_mem_mib", "act_mem_mib", "samples_per_sec", "tokens_per_sec", "step_ms", "iters"):
+        cols[f"{mode}_{key}"] = result.get(key) if ok else None
+    return cols
+
+
+if __name__ == "__main__":  # the fresh process of `measure`: one JSON line on stdout
+    print(json.dumps(_worker(json.loads(sys.argv[1]))))

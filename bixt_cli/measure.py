@@ -1,0 +1,166 @@
+"""`bixt profile` and `bixt compare`: thin wrappers over bixt.profile and bixt.compare."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from typer.core import TyperCommand
+
+from bixt_cli.app import app, console, user_errors
+
+LIST_OPTIONS = ("--models", "--baselines", "--seq-lens")
+
+
+def join_list_values(args: list[str], options: tuple[str, ...] = LIST_OPTIONS) -> list[str]:
+    """`--baselines vit perceiver` -> `--baselines vit,perceiver`: click options take one value each."""
+    out, i = [], 0
+    while i < len(args):
+        out.append(args[i])
+        i += 1
+        if out[-1] in options:
+            values = []
+            while i < len(args) and not args[i].startswith("-"):
+                values.append(args[i])
+                i += 1
+            if values:
+                out.append(",".join(values))
+    return out
+
+
+class ListOptions(TyperCommand):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, join_list_values(list(args)))
+
+
+def split_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def parse_lengths(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in split_list(value))
+    except ValueError:
+        raise ValueError(f"--seq-lens must be comma-separated integers, got {value!r}: e.g. 256,1024,4096") from None
+
+
+def parse_modes(mode: str) -> tuple[str, ...]:
+    modes = {"infer": ("infer",), "train": ("train",), "both": ("infer", "train")}
+    if mode not in modes:
+        raise ValueError(f"unknown --mode {mode!r}: choose infer, train or both")
+    return modes[mode]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} x{v}" for k, v in value.items()) or "none"
+    return str(value)
+
+
+def _table(title: str, rows: list[dict], columns: list[str]) -> Table:
+    table = Table(title=title, header_style="bold")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("model", "metric", "status", "message") else "right",
+                         overflow="fold")
+    for row in rows:
+        table.add_row(*(_fmt(row.get(c)) for c in columns))
+    return table
+
+
+@app.command()
+@user_errors
+def profile(
+    model: str = typer.Option(..., "--model", "-m", help="Registered model name (see `bixt models`)."),
+    seq_len: int = typer.Option(None, help="Tokens per sample; images: a square grid (side = sqrt(N) x stride). "
+                                           "Default: the model's default input."),
+    img_size: int = typer.Option(None, help="Image models: the image side instead of --seq-len."),
+    batch_size: int = typer.Option(1, help="Samples per step for memory and throughput (MACs are per sample)."),
+    mode: str = typer.Option("both", help="infer, train or both."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    backend: str = typer.Option(None, help="Attention backend (math, sdpa, xformers, auto...); default: the model's."),
+    quick: bool = typer.Option(False, help="Shorter warm-up and timing (noisier)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
+):
+    """Parameters, GMACs (fvcore and closed form), peak memory and throughput of one model at one input size."""
+    from bixt.profile import DEFAULT_PLAN, QUICK_PLAN, Setup, profile, tokens_for
+
+    setup = Setup(model, tokens_for(model, seq_len, img_size), batch_size, device, dtype, backend)
+    report = profile(setup, parse_modes(mode), QUICK_PLAN if quick else DEFAULT_PLAN)
+    if as_json:
+        json.dump(report, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    rows = [{"metric": k, "value": v} for k, v in report.items() if not k.endswith("_message") or v]
+    console.print(_table(f"{model} at {setup.seq_len} tokens, batch {batch_size}", rows, ["metric", "value"]))
+
+
+@app.command(cls=ListOptions)
+@user_errors
+def compare(
+    models: str = typer.Option(None, help="BiXT models (space or comma separated); default bixt_ti_l64_p16."),
+    baselines: str = typer.Option("vit,perceiver", help="Families (their default model) or model names."),
+    seq_lens: str = typer.Option(None, help="Sequence lengths, e.g. 256,1024,4096,16384 (the default)."),
+    batch_size: int = typer.Option(1, help="Samples per step, the same for every model."),
+    budget_s: float = typer.Option(None, help="Seconds one configuration may take (predicted); default 300."),
+    out: Path = typer.Option(None, help="Output folder; default results/compare-<timestamp>/."),
+    quick: bool = typer.Option(False, help="Lengths 256,1024,4096, short timing, 20 s per configuration and 150 s "
+                                           "in all: a few minutes at most."),
+    mode: str = typer.Option("both", help="infer, train or both."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    backend: str = typer.Option(None, help="Attention backend for every model; default: each model's own."),
+    fit_from: int = typer.Option(1024, help="Fit exponents over the lengths >= this (all if fewer than two)."),
+):
+    """BiXT against baselines at growing sequence lengths: GMACs, memory, throughput, fitted exponents, plots."""
+    from bixt import compare as cmp
+    from bixt.profile import DEFAULT_PLAN, QUICK_PLAN
+
+    names = cmp.resolve_models(split_list(models), split_list(baselines))
+    lengths = parse_lengths(seq_lens) or (cmp.QUICK["seq_lens"] if quick else cmp.DEFAULT_SEQ_LENS)
+    budget = budget_s if budget_s is not None else (cmp.QUICK["budget_s"] if quick else cmp.Sweep.budget_s)
+    sweep = cmp.Sweep(names, lengths, batch_size, device, dtype, backend, budget, parse_modes(mode),
+                      QUICK_PLAN if quick else DEFAULT_PLAN, fit_from, cmp.QUICK["total_s"] if quick else None)
+    cmp.check_sweep(sweep)
+    out = cmp.prepare_out(out)
+    console.print(f"[bold]bixt compare[/]: {', '.join(names)} at {', '.join(map(str, sorted(lengths)))} tokens, "
+                  f"batch {batch_size}, {device} {dtype}, budget {budget:.0f} s per configuration -> {out}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("starting", total=len(names) * len(lengths))
+
+        def on_row(row: dict) -> None:
+            bar.advance(task)
+            bar.console.print(f"  {row['model']:<22} {row['seq_len']:>6}  {row['status']:<7} "
+                              f"GMACs {_fmt(row['gmacs'])}  infer {_fmt(row['infer_samples_per_sec'])} samples/s"
+                              f"  {row['message']}", highlight=False, markup=False)
+
+        rows = cmp.run_sweep(sweep, out, on_row=on_row,
+                             on_start=lambda m, n: bar.update(task, description=f"{m} @ {n} tokens"))
+    console.print(_table("results", rows, ["model", "seq_len", "status", "gmacs", "gmacs_analytic",
+                                           "infer_samples_per_sec", "infer_peak_mem_mib", "infer_act_mem_mib",
+                                           "train_step_ms", "train_peak_mem_mib", "predicted_s", "message"]))
+    exps = cmp.exponents(rows, fit_from)
+    console.print(_table(f"fitted exponents (log-log slope vs length, lengths >= {fit_from} where possible)", exps,
+                         ["model", "metric", "exponent", "r2", "points", "from_len", "to_len"]))
+    console.print(_table(f"{names[0]} vs each model (ratio of throughput; of memory: theirs / ours)",
+                         cmp.ratios(rows), ["model", "seq_len", "infer_speedup", "train_speedup",
+                                            "infer_mem_ratio", "train_mem_ratio"]))
+    title = "published counts (math backend, default input; " + ("closed form only: --quick)" if quick else
+                                                                    "fvcore and closed form)")
+    console.print(_table(title, cmp.write_published(out, trace=not quick),
+                         ["model", "gmacs", "gmacs_analytic", "published_gmacs", "rel_err", "param_count",
+                          "published_params"]))
+    console.print(f"written to {out}: results.csv, results.json, exponents.csv, ratios.csv, published.csv, "
+                  f"{', '.join(cmp.PLOTS)}")
