@@ -131,6 +131,12 @@ MODEL_TABLE: dict[str, dict] = {
     "bixt_ti_l64_points": {"modality": "points", "in_chans": 3, "seq_len": 1024, "num_classes": 40},
     "bixt_ti_l64_text": {"modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 4096,
                          "num_classes": 2},
+    # CPU-sized models for `bixt train`'s built-in data (0.5 M params): 8x8 grayscale digits as 16 overlapping
+    # 4x4 patches (stride 2, as the authors' /8 tokenizer overlaps), and the procedural point-cloud shapes.
+    "bixt_digits": {"img_size": 8, "in_chans": 1, "patch_size": 4, "stride": 2, "num_latents": 16, "dim": 64,
+                    "depth": 4, "heads": 2, "num_classes": 10},
+    "bixt_shapes": {"modality": "points", "in_chans": 3, "seq_len": 1024, "num_latents": 32, "dim": 64,
+                    "depth": 4, "heads": 2, "num_classes": 10},
 }
 CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in MODEL_TABLE.items()}
 

@@ -1,0 +1,92 @@
+"""`bixt eval`: top-1, top-5, loss and samples/s of a checkpoint on a data split.
+
+Accepts a run folder of `bixt train` (or a checkpoint inside one: model, overrides and data come from its
+config.yaml), a bare weights file of a registered model, and the authors' released BiXT checkpoints
+(`model_best.pth.tar`, their key layout; loaded through `bixt.load_checkpoint`, which unpickles no code).
+ImageNet-layout folders are evaluated as the authors do: bicubic resize to size / 0.875, centre crop, ImageNet
+mean/std (`imagefolder:PATH` with PATH/val/<class>/).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bixt import rundir
+from bixt.distributed import Dist, resolve_device
+from bixt.engine import evaluate
+
+
+def find_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
+    """(weights file, run folder or None): a run folder means its best weights (last when there is no best)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: give a weights file or a `bixt train` run folder")
+    if path.is_dir():
+        for name in (rundir.BEST, rundir.LAST):
+            if (path / name).is_file():
+                return path / name, path if (path / rundir.CONFIG).is_file() else None
+        raise FileNotFoundError(f"{path} holds no {rundir.BEST} or {rundir.LAST}: is it a `bixt train` run folder?")
+    if path.name == rundir.STATE:
+        raise ValueError(f"{path} is the optimizer state, not weights: pass {path.with_name(rundir.LAST)} or the run "
+                         "folder")
+    return path, path.parent if (path.parent / rundir.CONFIG).is_file() else None
+
+
+def load_weights(model: torch.nn.Module, family: str, weights: Path) -> None:
+    """BiXT: this project's or the authors' layout (with a hint at the fitting model on a mismatch); other
+    families: this project's layout, strictly."""
+    if family == "bixt":
+        from bixt.checkpoint import load_checkpoint
+
+        load_checkpoint(model, weights)
+        return
+    from bixt.checkpoint import read_state_dict
+
+    state = read_state_dict(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(ln.strip() for ln in str(e).splitlines()[1:3])
+        raise ValueError(f"{weights} does not fit this model: {detail}") from None
+
+
+def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: str | None = None, *,
+                        batch_size: int = 128, device: str | None = None, workers: int | None = None) -> dict:
+    """Evaluate a checkpoint; returns {model, data, checkpoint, top1, top5, loss, samples, seconds, samples_per_s}."""
+    from bixt.registry import get_entry
+    from bixt.train import build_for_data, read_config_file
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    weights, run = find_weights(checkpoint)
+    model_args: dict = {}
+    if run is not None:
+        saved = read_config_file(run / rundir.CONFIG)
+        if model is None or model == saved.get("model"):
+            model, model_args = saved.get("model"), dict(saved.get("model_args") or {})
+        data = data or saved.get("data")
+    if model is None:
+        from bixt.checkpoint import likely_models, read_state_dict
+
+        fits = likely_models(_ours(read_state_dict(weights)))
+        if len(fits) != 1 or " with " in fits[0]:
+            hint = f"it fits {' or '.join(fits)}" if fits else "no registered BiXT has these shapes"
+            raise ValueError(f"which model is {weights}? pass --model NAME ({hint})")
+        model = fits[0]
+    if data is None:
+        raise ValueError(f"no data to evaluate {weights} on: pass --data (e.g. imagefolder:PATH for ImageNet)")
+    entry = get_entry(model)
+    mcfg, ds, _ = build_for_data(model, model_args, data, augment=False, need_train=False, fit_data=False)
+    net = entry.build(mcfg)
+    load_weights(net, entry.family, weights)
+    d = Dist(device=resolve_device(device))
+    net.to(d.device)
+    result = evaluate(net, ds.test, batch_size, d, workers=ds.workers if workers is None else workers)
+    return {"model": model, "data": str(data), "checkpoint": str(weights), **result}
+
+
+def _ours(state: dict) -> dict:
+    from bixt.checkpoint import is_official_layout, official_to_bixt
+
+    return official_to_bixt(state) if is_official_layout(state) else state

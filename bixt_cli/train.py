@@ -1,0 +1,95 @@
+"""`bixt train` and `bixt eval`: thin wrappers around bixt.train.train and bixt.evaluate.evaluate_checkpoint."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from bixt_cli.app import app, console, err_console, user_errors
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    model: str = typer.Option(None, help="Registered model (bixt models); default: the data's own (bixt_digits)."),
+    data: str = typer.Option(None, help="digits | shapes[:points=N] | imagefolder:PATH | cifar10:PATH | "
+                                        "cifar100:PATH | modelnet40:PATH (default digits)."),
+    epochs: int = typer.Option(None, help="Epochs (default 40)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Global batch, split over the processes (default 64)."),
+    lr: float = typer.Option(None, help="Peak AdamW learning rate (default 0.002)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.05)."),
+    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear warm-up before the cosine (default 3)."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16/fp16 autocast (CUDA only)."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    seed: int = typer.Option(None, help="Seed of weights, data order and augmentation (default 0)."),
+    out: Path = typer.Option(None, help="Run folder (default runs/<model>-<data>-<time>); must be new or empty."),
+    resume: Path = typer.Option(None, "--resume", metavar="DIR|CKPT",
+                                help="Continue a run (its folder, or a checkpoint in it) exactly where it stopped."),
+    config: Path = typer.Option(None, "--config", help="TOML or YAML file with any of these options (and "
+                                                       "model_args: overrides of the model's config)."),
+):
+    """Train a model; every epoch writes metrics.csv, curves.png and checkpoints to the run folder."""
+    from bixt.train import TrainingDiverged, train
+
+    options = {"model": model, "data": data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+               "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "amp": amp, "device": device,
+               "seed": seed, "out": None if out is None else str(out)}
+    try:
+        result = train(options, config_file=config, resume=resume, console=err_console)
+    except TrainingDiverged as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
+        raise typer.Exit(130) from None
+    if result.status == "interrupted":
+        err_console.print(f"stopped by signal {result.signal}; checkpoint saved: resume with "
+                          f"`bixt train --resume {result.run}`", highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + result.signal)
+    if not result.main:  # the other processes of a torchrun job
+        return
+    table = Table(title=f"bixt train: {result.run}", header_style="bold", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    last = result.last
+    for key, value in [("epochs", result.epochs_done), ("parameters", f"{result.params:,}"),
+                       ("best test acc", f"{100 * result.best_acc:.2f} % (epoch {result.best_epoch})"),
+                       ("final test acc", f"{100 * last['test_acc']:.2f} %"),
+                       ("final test top-5", f"{100 * last['test_top5']:.2f} %"),
+                       ("final test loss", f"{last['test_loss']:.4f}"),
+                       ("final train acc", f"{100 * last['train_acc']:.2f} %"),
+                       ("time", f"{result.seconds:.1f} s"), ("train samples/s", f"{result.samples_per_s:,.0f}"),
+                       ("run folder", str(result.run))]:
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: Path = typer.Option(..., help="A run folder, its best/last.safetensors, or any weights file "
+                                              "(the authors' model_best.pth.tar included)."),
+    model: str = typer.Option(None, help="Registered model (default: the run's, or the one the weights fit)."),
+    data: str = typer.Option(None, help="Data spec (default: the run's); ImageNet: imagefolder:PATH "
+                                       "with PATH/val/<class>/."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    workers: int = typer.Option(None, help="DataLoader workers (default: what the data needs)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
+):
+    """Top-1, top-5, loss and samples/s of a checkpoint on the test (val) split."""
+    from bixt.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, model, data, batch_size=batch_size, device=device, workers=workers)
+    if as_json:
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
+    table = Table(title=f"{result['model']} on {result['data']}", caption=result["checkpoint"], header_style="bold")
+    for col in ("top-1", "top-5", "loss", "samples", "samples/s"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{100 * result['top1']:.2f} %", f"{100 * result['top5']:.2f} %", f"{result['loss']:.4f}",
+                  f"{result['samples']:,}", f"{result['samples_per_s']:,.0f}")
+    console.print(table)
