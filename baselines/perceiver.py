@@ -12,70 +12,51 @@ patches) with Fourier features of their position concatenated; points and sequen
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from baselines.vit import check_padding_mask
-from bixt.attention import check_backend
+from bixt.configs import ModelConfig
 from bixt.layers import layer_norm
 from bixt.model import BiXT, CrossBlock, LatentBlock
 from bixt.posenc import fourier_features
-from bixt.tokenizers import MODALITIES, ImageTokenizer, build_tokenizer
+from bixt.tokenizers import ImageTokenizer, build_tokenizer, check_image, check_patch_geometry
 
 
 @dataclass(frozen=True)
-class PerceiverConfig:
-    """Everything that defines a Perceiver. The defaults are the paper's ImageNet model (224 px, raw pixels)."""
+class PerceiverConfig(ModelConfig):
+    """Everything that defines a Perceiver: ModelConfig's input and body fields plus the latent array and the
+    repeat schedule. The defaults are the paper's ImageNet model (224 px, raw pixels)."""
 
-    # Input: the same fields, names and meaning as BiXTConfig.
-    modality: str = "image"  # image | points | sequence
-    in_chans: int = 3
-    img_size: int = 224
     patch_size: int = 1  # 1: pixels, as the paper; 16: raw 16 x 16 patches (one token per BiXT /16 token)
     stride: int = 1
-    seq_len: int = 1024
-    vocab_size: int = 0
     fourier_bands: int = 64  # per axis; images: concatenated with the position itself (2 * bands + 1 per axis)
     max_freq: float = 224.0  # images: the grid's side (the paper: the 224 px resolution); points: BiXT's tokenizer
-    # Body.
-    num_latents: int = 512
     dim: int = 1024  # latent channels
+    heads: int = 8  # latent self-attention heads
+    mlp_ratio: float = 1.0
+    num_latents: int = 512
     attn_dim: int | None = None  # q/k/v channels of the cross-attention; None: the input's channels (the paper's)
     cross_heads: int = 1
-    heads: int = 8  # latent self-attention heads
     num_blocks: int = 8  # cross-attends
     self_per_block: int = 6  # latent self-attention layers after each cross-attend
     share_cross: bool = True  # every cross-attend after the first uses one set of weights
     share_latent: bool = True  # every repeat uses the same latent self-attention stack
-    mlp_ratio: float = 1.0
-    qkv_bias: bool = True
-    layerscale: float | None = None
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    attn_backend: str = "auto"
-    num_classes: int = 1000
 
-    # BiXT's blocks read these.
-    cross_attention = "iterative"
+    _POSITIVE: ClassVar[tuple[str, ...]] = ("num_latents", "dim", "heads", "cross_heads", "num_blocks",
+                                            "self_per_block", "mlp_ratio")
+    # BiXT's blocks read this.
+    cross_attention: ClassVar[str] = "iterative"
 
     def __post_init__(self):
-        if self.modality not in MODALITIES:
-            raise ValueError(f"unknown modality {self.modality!r}: choose one of {', '.join(MODALITIES)}")
-        for name in ("num_latents", "dim", "heads", "cross_heads", "num_blocks", "self_per_block", "mlp_ratio"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads={self.heads}: choose heads that divide it")
+        super().__post_init__()
         if self.cross_attn_dim % self.cross_heads:
             raise ValueError(f"cross-attention dim {self.cross_attn_dim} is not divisible by cross_heads="
                              f"{self.cross_heads}: set attn_dim or cross_heads so that it is")
-        if self.num_classes < 0:
-            raise ValueError("num_classes must be >= 0")
-        check_backend(self.attn_backend)
 
     @property
     def tok_dim(self) -> int:
@@ -97,17 +78,6 @@ class PerceiverConfig:
         """Latent self-attention layers applied (shared ones counted at every use)."""
         return self.num_blocks * self.self_per_block
 
-    @property
-    def default_tokens(self) -> int:
-        return (self.img_size // self.stride) ** 2 if self.modality == "image" else self.seq_len
-
-    def summary(self) -> dict:
-        return {"modality": self.modality, "latents": self.num_latents, "dim": self.dim, "depth": self.depth,
-                "heads": self.heads, "tokens": self.default_tokens}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def fourier_grid_concat(h: int, w: int, bands: int, max_freq: float, device=None) -> Tensor:
     """The paper's image positions: per axis the coordinate in [-1, 1] and its sin/cos at `bands` frequencies from
@@ -128,28 +98,15 @@ class FourierConcatTokenizer(nn.Module):
     def __init__(self, in_chans: int = 3, patch_size: int = 1, stride: int = 1, img_size: int = 224,
                  fourier_bands: int = 64, max_freq: float = 224.0):
         super().__init__()
-        if stride <= 0 or stride > patch_size or (patch_size - stride) % 2:
-            raise ValueError(f"stride {stride} does not fit patch size {patch_size}: use a stride <= the patch "
-                             "size with an even difference (1 with 1; 16 with 16, 8 or 4)")
-        if img_size % stride:
-            raise ValueError(f"image size {img_size} is not divisible by the stride {stride}: "
-                             f"use a multiple of {stride}")
+        check_patch_geometry(patch_size, stride, img_size)
         self.in_chans, self.patch_size, self.stride = in_chans, patch_size, stride
         self.bands, self.max_freq = fourier_bands, max_freq
         self.default_seq_len = (img_size // stride) ** 2
         self.out_dim = in_chans * patch_size ** 2 + 2 * (2 * fourier_bands + 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"image models take (B, {self.in_chans}, H, W) images, got a tensor of shape "
-                             f"{tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} image channels, got {x.shape[1]}: convert the images or "
-                             f"create the model with in_chans={x.shape[1]}")
+        check_image(x, self.in_chans, self.stride)
         B, _, H, W = x.shape
-        if H % self.stride or W % self.stride:
-            raise ValueError(f"image size {H}x{W} is not divisible by the stride {self.stride}: resize or crop "
-                             f"to a multiple of {self.stride}")
         values = F.unfold(x, self.patch_size, padding=(self.patch_size - self.stride) // 2, stride=self.stride)
         # float32: in half precision sin(pi * 112 * x) would be noise.
         pos = fourier_grid_concat(H // self.stride, W // self.stride, self.bands, self.max_freq, x.device)

@@ -7,69 +7,30 @@ tokens. Points and sequences use BiXT's tokenizers unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bixt.attention import check_backend
+from bixt.configs import ModelConfig
 from bixt.layers import layer_norm
 from bixt.model import BiXT, LatentBlock
-from bixt.tokenizers import MODALITIES, ImageTokenizer, build_tokenizer
+from bixt.tokenizers import ImageTokenizer, build_tokenizer
 
 
 @dataclass(frozen=True)
-class ViTConfig:
-    """Everything that defines a ViT. The defaults are DeiT-Ti/16 for 224 px ImageNet."""
+class ViTConfig(ModelConfig):
+    """Everything that defines a ViT: ModelConfig's input and body fields (the input named and meant as BiXT's, so
+    both are handed the same tensors; images: img_size is the grid the positional table is learned on, other sizes
+    resize it). The defaults are DeiT-Ti/16 for 224 px ImageNet."""
 
-    # Input: the same fields, names and meaning as BiXTConfig, so both are handed the same tensors.
-    modality: str = "image"  # image | points | sequence
-    in_chans: int = 3
-    img_size: int = 224  # images: the grid the positional embedding is learned on; other sizes resize it
-    patch_size: int = 16
-    stride: int = 16
-    seq_len: int = 1024
-    vocab_size: int = 0
-    fourier_bands: int = 16  # points: BiXT's point tokenizer
-    max_freq: float = 32.0
-    # Body.
-    dim: int = 192
-    depth: int = 12
     heads: int = 3
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    layerscale: float | None = None
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    attn_backend: str = "auto"
-    # Outputs.
-    num_classes: int = 1000  # head on the class token; 0: none
+    depth: int = 12
     dense_classes: int = 0  # > 0: per-token head on the patch tokens
 
-    def __post_init__(self):
-        if self.modality not in MODALITIES:
-            raise ValueError(f"unknown modality {self.modality!r}: choose one of {', '.join(MODALITIES)}")
-        for name in ("dim", "depth", "heads", "mlp_ratio"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads={self.heads}: choose heads that divide it")
-        if self.num_classes < 0 or self.dense_classes < 0:
-            raise ValueError("num_classes and dense_classes must be >= 0")
-        check_backend(self.attn_backend)
-
-    @property
-    def default_tokens(self) -> int:
-        return (self.img_size // self.stride) ** 2 if self.modality == "image" else self.seq_len
-
-    def summary(self) -> dict:
-        return {"modality": self.modality, "latents": "-", "dim": self.dim, "depth": self.depth,
-                "heads": self.heads, "tokens": self.default_tokens}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    _POSITIVE: ClassVar[tuple[str, ...]] = ("dim", "depth", "heads", "mlp_ratio")
 
 
 def resample_pos_embed(pos: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:

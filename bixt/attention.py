@@ -137,7 +137,26 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, L, H * d)
 
 
-class BiDirectionalCrossAttention(nn.Module):
+class _CrossAttention(nn.Module):
+    """What both cross-attention forms share: dims, heads, scale, backend, dropouts (one rate, each direction
+    dropping independently)."""
+
+    def __init__(self, dim_lat: int, dim_tok: int | None, dim_attn: int | None, num_heads: int, attn_drop: float,
+                 proj_drop: float, one_sided: bool, backend: str):
+        super().__init__()
+        self.dim_tok, self.dim_attn = dim_tok or dim_lat, dim_attn or dim_lat
+        if self.dim_attn % num_heads:
+            raise ValueError(f"attention dim {self.dim_attn} is not divisible by {num_heads} heads: "
+                             "pick a head count that divides it")
+        self.num_heads = num_heads
+        self.scale = (self.dim_attn // num_heads) ** -0.5
+        self.one_sided = one_sided
+        self.backend = check_backend(backend)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+
+class BiDirectionalCrossAttention(_CrossAttention):
     """Bi-directional cross-attention between latents (B, M, dim_lat) and tokens (B, N, dim_tok).
 
     Six linear maps where two sequential cross-attentions need eight: R and V per side (fused into one Linear
@@ -148,17 +167,8 @@ class BiDirectionalCrossAttention(nn.Module):
     def __init__(self, dim_lat: int, dim_tok: int | None = None, dim_attn: int | None = None, num_heads: int = 6,
                  bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, one_sided: bool = False,
                  backend: str = "auto"):
-        super().__init__()
-        dim_tok = dim_tok or dim_lat
-        dim_attn = dim_attn or dim_lat
-        if dim_attn % num_heads:
-            raise ValueError(f"attention dim {dim_attn} is not divisible by {num_heads} heads: "
-                             "pick a head count that divides it")
-        self.num_heads = num_heads
-        self.scale = (dim_attn // num_heads) ** -0.5
-        self.one_sided = one_sided
-        self.backend = check_backend(backend)
-        self.attn_drop = attn_drop  # the two directions drop independently, at the same rate
+        super().__init__(dim_lat, dim_tok, dim_attn, num_heads, attn_drop, proj_drop, one_sided, backend)
+        dim_tok, dim_attn = self.dim_tok, self.dim_attn
         if one_sided:
             self.r_lat = nn.Linear(dim_lat, dim_attn, bias=bias)
         else:
@@ -166,7 +176,6 @@ class BiDirectionalCrossAttention(nn.Module):
             self.proj_tok = nn.Linear(dim_attn, dim_tok)
         self.rv_tok = nn.Linear(dim_tok, 2 * dim_attn, bias=bias)
         self.proj_lat = nn.Linear(dim_attn, dim_lat)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, latents: Tensor, tokens: Tensor,
                 padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -184,7 +193,7 @@ class BiDirectionalCrossAttention(nn.Module):
         return lat, tok
 
 
-class SequentialCrossAttention(nn.Module):
+class SequentialCrossAttention(_CrossAttention):
     """Two one-way cross-attentions, one after the other: the naive alternative BiXT is compared with.
 
     The latents read the tokens (`read_tokens`), then the tokens read the UPDATED latents (`read_latents`); what
@@ -196,17 +205,8 @@ class SequentialCrossAttention(nn.Module):
     def __init__(self, dim_lat: int, dim_tok: int | None = None, dim_attn: int | None = None, num_heads: int = 6,
                  bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, one_sided: bool = False,
                  backend: str = "auto"):
-        super().__init__()
-        dim_tok = dim_tok or dim_lat
-        dim_attn = dim_attn or dim_lat
-        if dim_attn % num_heads:
-            raise ValueError(f"attention dim {dim_attn} is not divisible by {num_heads} heads: "
-                             "pick a head count that divides it")
-        self.num_heads = num_heads
-        self.scale = (dim_attn // num_heads) ** -0.5
-        self.one_sided = one_sided
-        self.backend = check_backend(backend)
-        self.attn_drop = attn_drop
+        super().__init__(dim_lat, dim_tok, dim_attn, num_heads, attn_drop, proj_drop, one_sided, backend)
+        dim_tok, dim_attn = self.dim_tok, self.dim_attn
         self.q_lat = nn.Linear(dim_lat, dim_attn, bias=bias)
         self.kv_tok = nn.Linear(dim_tok, 2 * dim_attn, bias=bias)
         self.proj_lat = nn.Linear(dim_attn, dim_lat)
@@ -214,7 +214,6 @@ class SequentialCrossAttention(nn.Module):
             self.q_tok = nn.Linear(dim_tok, dim_attn, bias=bias)
             self.kv_lat = nn.Linear(dim_lat, 2 * dim_attn, bias=bias)
             self.proj_tok = nn.Linear(dim_attn, dim_tok)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def _read(self, to_q: nn.Linear, to_kv: nn.Linear, to_out: nn.Linear, x: Tensor, context: Tensor,
               key_padding_mask: Tensor | None) -> Tensor:

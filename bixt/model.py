@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from bixt.attention import BiDirectionalCrossAttention, SelfAttention, SequentialCrossAttention, check_backend
 from bixt.configs import BiXTConfig
-from bixt.layers import DropPath, Mlp, layer_norm, scaled
+from bixt.layers import DropPath, Mlp, add_per_token, layer_norm, scaled
 from bixt.tokenizers import build_tokenizer
 
 
@@ -51,8 +51,8 @@ class CrossBlock(nn.Module):
         if self.sequential:  # only now, after the latents' update, do the tokens read them
             dtok = self.attn.read_latents(tok_n, self.norm_lat_read(lat))
         tok = tok + self.drop_path(self.ls1_tok(dtok))
-        tok = tok + self.drop_path(self.ls2_tok(self.mlp_tok(self.mlp_norm_tok(tok))))
-        return lat, tok
+        return lat, add_per_token(tok, lambda t: self.drop_path(self.ls2_tok(self.mlp_tok(self.mlp_norm_tok(t)))),
+                                  self.training)
 
 
 class LatentBlock(nn.Module):
@@ -71,7 +71,7 @@ class LatentBlock(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), key_padding_mask)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return add_per_token(x, lambda t: self.drop_path(self.ls2(self.mlp(self.norm2(t)))), self.training)
 
 
 class BiXTLayer(nn.Module):

@@ -91,6 +91,12 @@ def count_params(name: str, **overrides) -> int:
 
 
 def model_summary(name: str) -> dict:
-    """One row of `bixt models`: the family, the parameter count and the config's own summary."""
+    """One row of `bixt models`: the family, the parameter count, GMACs per sample at the default input (closed
+    form, the authors' one-similarity-matrix convention; fvcore agrees, see bixt.flops) and the config's summary."""
+    from bixt.flops import analytic_macs
+
     entry = get_entry(name)
-    return {"name": name, "family": entry.family, "params": count_params(name), **entry.config.summary()}
+    summary = entry.config.summary()
+    macs = analytic_macs(entry.family, entry.config, summary["tokens"], "math")
+    return {"name": name, "family": entry.family, "params": count_params(name),
+            "gmacs": None if macs is None else round(macs.total / 1e9, 4), **summary}

@@ -33,6 +33,26 @@ def nearest_squares(n: int) -> tuple[int, int]:
     return root * root, (root + 1) ** 2
 
 
+def check_patch_geometry(patch_size: int, stride: int, img_size: int) -> None:
+    """Patches of `patch_size` every `stride` pixels, padded by (patch_size - stride) / 2: one token per stride."""
+    if stride <= 0 or stride > patch_size or (patch_size - stride) % 2:
+        raise ValueError(f"stride {stride} does not fit patch size {patch_size}: use a stride <= the patch "
+                         "size with an even difference (16 with 16, 8 or 4)")
+    if img_size % stride:
+        raise ValueError(f"image size {img_size} is not divisible by the stride {stride}: use a multiple of {stride}")
+
+
+def check_image(x: Tensor, in_chans: int, stride: int) -> None:
+    _check_rank(x, 4, f"image models take (B, {in_chans}, H, W) images")
+    _, C, H, W = x.shape
+    if C != in_chans:
+        raise ValueError(f"expected {in_chans} image channels, got {C}: convert the images or create "
+                         f"the model with in_chans={C}")
+    if H % stride or W % stride:
+        raise ValueError(f"image size {H}x{W} is not divisible by the stride {stride}: resize or crop "
+                         f"to a multiple of {stride}")
+
+
 class FourierPosEmbed2d(nn.Module):
     """Fixed 2-D Fourier features of the token grid, projected by a learned 1x1 conv and added to the tokens.
 
@@ -66,12 +86,7 @@ class ImageTokenizer(nn.Module):
     def __init__(self, dim: int, in_chans: int = 3, patch_size: int = 16, stride: int = 16, img_size: int = 224,
                  pos_buffer: bool = True):
         super().__init__()
-        if stride <= 0 or stride > patch_size or (patch_size - stride) % 2:
-            raise ValueError(f"stride {stride} does not fit patch size {patch_size}: use a stride <= the patch "
-                             "size with an even difference (16 with 16, 8 or 4)")
-        if img_size % stride:
-            raise ValueError(f"image size {img_size} is not divisible by the stride {stride}: "
-                             f"use a multiple of {stride}")
+        check_patch_geometry(patch_size, stride, img_size)
         self.in_chans, self.stride, self.img_size = in_chans, stride, img_size
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=stride,
                               padding=(patch_size - stride) // 2)
@@ -80,14 +95,7 @@ class ImageTokenizer(nn.Module):
         self.pos_embed = FourierPosEmbed2d(dim, grid=(grid, grid) if pos_buffer else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_rank(x, 4, f"image models take (B, {self.in_chans}, H, W) images")
-        B, C, H, W = x.shape
-        if C != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} image channels, got {C}: convert the images or create "
-                             f"the model with in_chans={C}")
-        if H % self.stride or W % self.stride:
-            raise ValueError(f"image size {H}x{W} is not divisible by the stride {self.stride}: resize or crop "
-                             f"to a multiple of {self.stride}")
+        check_image(x, self.in_chans, self.stride)
         x = self.proj(x)
         return x.flatten(2).transpose(1, 2) + self.pos_embed(*x.shape[2:])
 

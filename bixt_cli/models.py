@@ -17,7 +17,7 @@ def models(
     family: str = typer.Option(None, help="Only this family (bixt, bixt-ablation, vit, perceiver)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON list on stdout instead of the table."),
 ):
-    """List the registered models: family, parameters, latents, dim, depth, heads, tokens at the default input."""
+    """List the registered models: family, parameters, GMACs, latents, dim, depth, heads, tokens (default input)."""
     from bixt.registry import families, list_models, model_summary
 
     if family is not None and family not in families():
@@ -30,9 +30,15 @@ def models(
         sys.stdout.write("\n")
         return
     table = Table(title=f"{len(rows)} models", header_style="bold")
-    columns = ["name", "family", "modality", "params", "latents", "dim", "depth", "heads", "tokens"]
+    columns = ["name", "family", "modality", "params", "gmacs", "latents", "dim", "depth", "heads", "tokens"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("name", "family", "modality") else "right", no_wrap=True)
     for row in rows:
-        table.add_row(*(f"{row[c]:,}" if isinstance(row.get(c), int) else str(row.get(c, "-")) for c in columns))
+        table.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4f}"
+    return f"{value:,}" if isinstance(value, int) else str("-" if value is None else value)

@@ -18,6 +18,11 @@ def test_models_table_and_json():
     rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert rows["bixt_ed256LS_l64_p16s8"]["params"] == 26_700_008
     assert rows["bixt_ti_l64_p16s8"]["tokens"] == 784 and rows["bixt_ti_l64_p16s8"]["latents"] == 64
+    # GMACs at the default input, the published figures (BIXT-FACTS.md section 2).
+    assert rows["bixt_ti_l64_p16"]["gmacs"] == 1.6795 and rows["bixt_ti_l64_p16s4"]["gmacs"] == 16.8092
+    result = runner.invoke(app, ["models", "--json", "--filter", "perceiver_ti"])
+    (perceiver,) = json.loads(result.stdout)
+    assert perceiver["family"] == "perceiver" and perceiver["gmacs"] > 0 and perceiver["latents"] == 64
 
 
 def test_help_lists_commands():

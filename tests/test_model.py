@@ -168,3 +168,18 @@ def test_registry_and_overrides():
 def test_invalid_input_raises_value_error_naming_the_fix(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_inference_chunks_per_token_branches_without_changing_results():
+    """Without autograd, token MLPs run in place over cache-sized chunks (bixt.layers.TOKEN_CHUNK)."""
+    from bixt.layers import TOKEN_CHUNK
+
+    model = BiXT(tiny_config(modality="points", seq_len=8)).eval()
+    pts = torch.rand(2, 2 * TOKEN_CHUNK + 37, 3)
+    before = pts.clone()
+    with_grad_lat, with_grad_tok = model.forward_features(pts, return_tokens=True)
+    with torch.inference_mode():
+        lat, tok = model.forward_features(pts, return_tokens=True)
+    torch.testing.assert_close(lat, with_grad_lat, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(tok, with_grad_tok, atol=1e-6, rtol=1e-6)
+    assert torch.equal(pts, before)
