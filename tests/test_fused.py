@@ -69,24 +69,6 @@ def test_fused_on_the_modules_strided_layout(B):
     assert got[1].transpose(1, 2).is_contiguous()
 
 
-def test_module_with_fused_backend_matches_math_including_weight_gradients():
-    a = BiDirectionalCrossAttention(48, 40, 24, num_heads=3, backend="math")
-    b = BiDirectionalCrossAttention(48, 40, 24, num_heads=3, backend="fused")
-    b.load_state_dict(a.state_dict())
-    lat, tok = torch.randn(2, 5, 48), torch.randn(2, 30, 40)
-    mask = torch.zeros(2, 30, dtype=torch.bool)
-    mask[1, 20:] = True
-    outs = []
-    for m in (a, b):
-        la, to = m(lat, tok, mask)
-        (la.square().sum() + to.square().sum()).backward()
-        outs.append((la, to, {n: p.grad for n, p in m.named_parameters()}))
-    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
-    for n in outs[0][2]:
-        torch.testing.assert_close(outs[1][2][n], outs[0][2][n], atol=1e-5, rtol=1e-5, msg=n)
-
-
 @pytest.mark.parametrize("one_sided", [False, True])
 @pytest.mark.parametrize("shared", [True, False])
 def test_gradcheck_float64(one_sided, shared, monkeypatch):
