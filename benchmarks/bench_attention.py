@@ -129,14 +129,43 @@ def _no_attention(r_lat, v_lat, r_tok, v_tok, **kw):
     return torch.zeros_like(r_lat), tok
 
 
-def model_benchmark(name: str, img: int, repeats: int, backends) -> dict:
-    from fvcore.nn import FlopCountAnalysis
+MODEL_RUNS = ("authors", "math", "sdpa", "fused", "no_attention")
 
+
+def child_model_time(name: str, img: int, run: str, iters: int) -> dict:
+    """In a fresh process: median forward time of one model run after one warm-up forward.
+
+    authors: their formulation end to end (math backend, whole-sequence token MLPs); math/sdpa/fused: ours (token
+    MLPs streamed in cache-sized chunks); no_attention: the cross-attention core replaced by zeros, the bound for
+    any cross-attention backend. A fresh process per run keeps allocator state from favouring whoever runs later.
+    """
     import bixt.attention
     import bixt.layers
     from bixt import create_model
 
+    if run == "no_attention":
+        bixt.attention.bidirectional_attention = _no_attention
+    if run == "authors":
+        bixt.layers.TOKEN_CHUNK = 10**12
     torch.manual_seed(0)
+    model = create_model(name, img_size=img).eval()
+    model.set_backend({"no_attention": "sdpa", "authors": "math"}.get(run, run))
+    x = torch.randn(1, 3, img, img)
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "all": times}
+
+
+def model_benchmark(name: str, img: int, repeats: int, iters: int = 3) -> dict:
+    from fvcore.nn import FlopCountAnalysis
+
+    from bixt import create_model
+
     model = create_model(name, img_size=img).eval()
     x = torch.randn(1, 3, img, img)
     with torch.inference_mode():
@@ -144,24 +173,16 @@ def model_benchmark(name: str, img: int, repeats: int, backends) -> dict:
         flops = FlopCountAnalysis(model.set_backend("math"), x).tracer_warnings("none")
         flops.unsupported_ops_warnings(False)
         macs = flops.total()
-        real, chunk = bixt.attention.bidirectional_attention, bixt.layers.TOKEN_CHUNK
-        # "authors": their formulation end to end: the math backend and whole-sequence token MLPs (no chunking).
-        runs = ["authors", *backends, "no_attention"]
-        times = {b: [] for b in runs}
-        try:
-            for r in range(repeats + 1):  # the first round warms up
-                for b in runs:
-                    bixt.attention.bidirectional_attention = _no_attention if b == "no_attention" else real
-                    bixt.layers.TOKEN_CHUNK = 10**12 if b == "authors" else chunk
-                    model.set_backend({"no_attention": "sdpa", "authors": "math"}.get(b, b))
-                    t0 = time.perf_counter()
-                    model(x)
-                    if r:
-                        times[b].append(time.perf_counter() - t0)
-                        console.log(f"model {name} @ {img}px, repeat {r}/{repeats}, {b}: {times[b][-1]:.2f} s")
-        finally:
-            bixt.attention.bidirectional_attention, bixt.layers.TOKEN_CHUNK = real, chunk
-    return {"name": name, "img_size": img, "tokens": (img // model.cfg.stride) ** 2, "gmacs": macs / 1e9,
+    tokens = (img // model.cfg.stride) ** 2
+    del model
+    times = {b: [] for b in MODEL_RUNS}
+    for r in range(repeats):  # round-robin, so a change in the machine's load hits every run alike
+        for b in MODEL_RUNS:
+            cmd = [sys.executable, __file__, "--model-child", name, str(img), b, str(iters)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            times[b].append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+            console.log(f"model {name} @ {img}px, repeat {r + 1}/{repeats}, {b}: {times[b][-1]:.2f} s")
+    return {"name": name, "img_size": img, "tokens": tokens, "gmacs": macs / 1e9,
             "seconds": {b: statistics.median(t) for b, t in times.items()}, "all_seconds": times}
 
 
@@ -188,7 +209,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_attention.json"))
     p.add_argument("--child", nargs=2, metavar=("LEVEL", "BACKEND"), help=argparse.SUPPRESS)
     p.add_argument("--shape", nargs=5, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--model-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model_child:
+        name, img, run, iters = args.model_child
+        print(json.dumps(child_model_time(name, int(img), run, int(iters))))
+        return
     if args.child:
         print(json.dumps(child_memory(*args.child, tuple(args.shape))))
         return
@@ -218,7 +244,7 @@ def main(argv=None) -> None:
                 "all_fwd_bwd_ms": [t[1] * 1e3 for t in times[b]], **mem[b]} for b in BACKENDS}
         write_json(args.out, result)
     if not args.skip_model:
-        result["model"] = model_benchmark(args.model, args.model_img, args.model_repeats, BACKENDS)
+        result["model"] = model_benchmark(args.model, args.model_img, args.model_repeats)
         secs = result["model"]["seconds"]
         result["model"]["best_ours"] = min(BACKENDS, key=secs.get)
         result["model"]["best_ours_vs_authors"] = secs["authors"] / secs[result["model"]["best_ours"]]
