@@ -24,3 +24,16 @@ def tiny_config(**overrides):
 
     base = dict(dim=32, heads=2, depth=2, num_latents=8, img_size=32, num_classes=5)
     return BiXTConfig(**{**base, **overrides})
+
+
+def assert_padding_changes_nothing(model, pts, keep: int) -> None:
+    """Sample 0 padded after `keep` points: moving its padded points changes no output, and the output equals
+    running that sample alone on its real points."""
+    mask = torch.zeros(pts.shape[:2], dtype=torch.bool)
+    mask[0, keep:] = True
+    with torch.no_grad():
+        out = model(pts, padding_mask=mask)
+        moved = pts.clone()
+        moved[0, keep:] = 5.0
+        torch.testing.assert_close(model(moved, padding_mask=mask), out, atol=0, rtol=0)
+        torch.testing.assert_close(model(pts[:1, :keep]), out[:1], atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Baselines and ablations: published sizes, every modality through one forward contract, backends agree."""
 import pytest
 import torch
+from conftest import assert_padding_changes_nothing
 from typer.testing import CliRunner
 
 from baselines.perceiver import FourierConcatTokenizer, PerceiverConfig
@@ -134,15 +135,7 @@ def test_sdpa_agrees_with_math_to_1e5(name, modality):
 @pytest.mark.parametrize("name", ["vit_ti_p16", "perceiver_ti", "bixt_ti_sequential", "bixt_ti_iterative"])
 def test_padded_points_change_nothing(name):
     model = tiny(name, "points").eval()
-    pts = model.tokenizer.example_input(2, 30)
-    mask = torch.zeros(2, 30, dtype=torch.bool)
-    mask[0, 18:] = True
-    with torch.no_grad():
-        out = model(pts, padding_mask=mask)
-        moved = pts.clone()
-        moved[0, 18:] = 5.0
-        torch.testing.assert_close(model(moved, padding_mask=mask), out, atol=0, rtol=0)
-        torch.testing.assert_close(model(pts[:1, :18]), out[:1], atol=1e-5, rtol=1e-5)
+    assert_padding_changes_nothing(model, model.tokenizer.example_input(2, 30), keep=18)
 
 
 def test_dense_outputs_where_there_is_a_token_stream():
