@@ -9,12 +9,13 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from bixt.atomic import atomic_path
 
 POS_KEY = "tokenizer.pos_embed.pos"
 _WRAPPERS = ("state_dict", "model", "model_ema", "state_dict_ema", "module")
@@ -187,16 +188,7 @@ def save_weights(state: nn.Module | Mapping[str, Tensor], path: str | os.PathLik
 
     if isinstance(state, nn.Module):
         state = state.state_dict()
-    path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

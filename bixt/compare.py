@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bixt.atomic import atomic_write
 from bixt.flops import analytic_macs, count_macs
 from bixt.profile import (
     DEFAULT_PLAN,
@@ -128,9 +129,7 @@ def prepare_out(out: Path | None) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode())
 
 
 class ResultsWriter:

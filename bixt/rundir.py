@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import pickle
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,35 +23,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bixt.atomic import atomic_path, atomic_write
+
 CONFIG, METRICS, CURVES, SUMMARY = "config.yaml", "metrics.csv", "curves.png", "summary.json"
 LAST, STATE, BEST = "last.safetensors", "last.state.pt", "best.safetensors"
 COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "lr", "seconds")
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's temporary files are private (0600)
 
 
 def weights_crc(state: Mapping[str, Tensor]) -> int:
@@ -70,7 +44,6 @@ def save_best(run: Path, weights: Mapping[str, Tensor]) -> None:
     from bixt.checkpoint import save_weights
 
     save_weights(weights, run / BEST)
-    os.chmod(run / BEST, _FILE_MODE)
 
 
 def save_checkpoint(run: Path, weights: Mapping[str, Tensor], state: dict) -> None:
@@ -81,19 +54,9 @@ def save_checkpoint(run: Path, weights: Mapping[str, Tensor], state: dict) -> No
     weights = {k: v.detach().cpu() for k, v in weights.items()}
     buf = io.BytesIO()
     torch.save({**state, "weights_crc": weights_crc(weights)}, buf)
-    fd, tmp = tempfile.mkstemp(dir=run, prefix=f".{STATE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(run / STATE) as tmp:
+        tmp.write_bytes(buf.getvalue())
         save_weights(weights, run / LAST)
-        os.chmod(run / LAST, _FILE_MODE)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, run / STATE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint_state(run: Path) -> tuple[dict[str, Tensor], dict]:
