@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from baselines.vit import check_padding_mask
 from bixt.configs import ModelConfig
-from bixt.layers import layer_norm
+from bixt.layers import check_padding_mask, layer_norm
 from bixt.model import BiXT, CrossBlock, LatentBlock
 from bixt.posenc import fourier_features
 from bixt.tokenizers import ImageTokenizer, build_tokenizer, check_image, check_patch_geometry
@@ -160,9 +159,7 @@ class Perceiver(nn.Module):
         if return_tokens:
             raise ValueError(NO_TOKENS)
         tok = self.tokenizer(x)
-        check_padding_mask(padding_mask, tok)
-        if padding_mask is not None and padding_mask.all(dim=1).any():
-            raise ValueError("a sample in the batch is all padding: give every sample at least one token")
+        check_padding_mask(padding_mask, tok.shape[:2], need_a_token=True)
         lat = self.latents.expand(tok.shape[0], -1, -1)
         for cross, latent in self.schedule():
             lat, _ = self.cross[cross](lat, tok, padding_mask)

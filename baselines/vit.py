@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bixt.configs import ModelConfig
-from bixt.layers import layer_norm
+from bixt.layers import check_padding_mask, layer_norm
 from bixt.model import BiXT, LatentBlock
 from bixt.tokenizers import ImageTokenizer, build_tokenizer
 
@@ -69,12 +69,6 @@ def build_vit_tokenizer(cfg: ViTConfig) -> nn.Module:
     return build_tokenizer(cfg, cfg.dim)
 
 
-def check_padding_mask(mask: Tensor | None, tokens: Tensor) -> None:
-    if mask is not None and (mask.shape != tokens.shape[:2] or mask.dtype != torch.bool):
-        raise ValueError(f"padding_mask must be a (B, N) = {tuple(tokens.shape[:2])} bool tensor, got "
-                         f"{mask.dtype} {tuple(mask.shape)}")
-
-
 class ViT(nn.Module):
     """Vision Transformer: a class token and all input tokens in one self-attention stack.
 
@@ -116,7 +110,7 @@ class ViT(nn.Module):
 
     def forward_features(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         tok = self.tokenizer(x)
-        check_padding_mask(padding_mask, tok)
+        check_padding_mask(padding_mask, tok.shape[:2])  # the class token is never padding
         cls = (self.cls_token + self.cls_pos).expand(tok.shape[0], -1, -1)
         x = self.pos_drop(torch.cat((cls, tok), dim=1))
         if padding_mask is not None:  # the class token is never padding

@@ -68,6 +68,12 @@ def bixt_to_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_rename(k, _TO_OFFICIAL): v for k, v in state.items()}
 
 
+def refusal(e: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only refusal that names the refused global (the rest is boilerplate)."""
+    lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+    return (lines or str(e).strip().splitlines() or ["it holds objects other than tensors"])[0].strip()
+
+
 def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Tensor]:
     """A flat {name: tensor} dict from a path (.safetensors, .pt, .pth, .pth.tar) or a (wrapped) mapping."""
     if isinstance(source, Mapping):
@@ -90,10 +96,7 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Tensor]:
                 with torch.serialization.safe_globals([argparse.Namespace]):
                     state = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
-                # torch's message is boilerplate around one line naming the refused global.
-                lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-                reason = (lines or str(e).strip().splitlines())[0].strip()
-                raise ValueError(f"{path} holds more than tensors and was refused, not unpickled ({reason}): "
+                raise ValueError(f"{path} holds more than tensors and was refused, not unpickled ({refusal(e)}): "
                                  "load only checkpoints you trust, converted to .safetensors") from None
             except (RuntimeError, EOFError, OSError) as e:
                 raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from bixt.layers import check_padding_mask
+
 # A latent whose softmax denominator (relative to its head's offset) falls below this has lost precision to
 # underflow in the shared-exp forward: recompute the latents with per-latent offsets.
 _TINY = 2.0**-60
@@ -420,9 +422,7 @@ def fused_bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Te
     bool, True marking padding. `chunk` overrides the tokens per chunk (default: `chunk_size`).
     """
     B, H, M, d = r_lat.shape
-    if padding_mask is not None and (padding_mask.dtype != torch.bool or padding_mask.shape != (B, r_tok.shape[2])):
-        raise ValueError(f"padding_mask must be a (B, N) = {(B, r_tok.shape[2])} bool tensor, got "
-                         f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
+    check_padding_mask(padding_mask, (B, r_tok.shape[2]))
     chunk = chunk or chunk_size(B, H, M, d)
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")

@@ -61,6 +61,18 @@ def add_per_token(x: Tensor, branch, training: bool) -> Tensor:
     return x
 
 
+def check_padding_mask(mask: Tensor | None, shape: tuple[int, int], need_a_token: bool = False) -> None:
+    """A (B, N) bool padding mask (True marks padding) for `shape` = (B, N); with `need_a_token`, every sample must
+    keep a real token (the latents' softmax over an all-padding sample would be empty)."""
+    if mask is None:
+        return
+    if tuple(mask.shape) != tuple(shape) or mask.dtype != torch.bool:
+        raise ValueError(f"padding_mask must be a (B, N) = {tuple(shape)} bool tensor, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    if need_a_token and mask.all(dim=1).any():
+        raise ValueError("a sample in the batch is all padding: give every sample at least one token")
+
+
 def scaled(dim: int, layerscale: float | None) -> nn.Module:
     return LayerScale(dim, layerscale) if layerscale else nn.Identity()
 

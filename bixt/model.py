@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from bixt.attention import BiDirectionalCrossAttention, SelfAttention, SequentialCrossAttention, check_backend
 from bixt.configs import BiXTConfig
-from bixt.layers import DropPath, Mlp, add_per_token, layer_norm, scaled
+from bixt.layers import DropPath, Mlp, add_per_token, check_padding_mask, layer_norm, scaled
 from bixt.tokenizers import build_tokenizer
 
 
@@ -146,12 +146,7 @@ class BiXT(nn.Module):
     def forward_features(self, x: Tensor, padding_mask: Tensor | None = None,
                          return_tokens: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         tok = self.tokenizer(x)
-        if padding_mask is not None:
-            if padding_mask.shape != tok.shape[:2] or padding_mask.dtype != torch.bool:
-                raise ValueError(f"padding_mask must be a (B, N) = {tuple(tok.shape[:2])} bool tensor, got "
-                                 f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
-            if padding_mask.all(dim=1).any():
-                raise ValueError("a sample in the batch is all padding: give every sample at least one token")
+        check_padding_mask(padding_mask, tok.shape[:2], need_a_token=True)
         lat = self.latents.expand(tok.shape[0], -1, -1)
         tokens_out = tok
         for layer in self.layers:

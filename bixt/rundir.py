@@ -61,7 +61,7 @@ def save_checkpoint(run: Path, weights: Mapping[str, Tensor], state: dict) -> No
 
 def load_checkpoint_state(run: Path) -> tuple[dict[str, Tensor], dict]:
     """The weights and the state of `run`'s last checkpoint, checked to belong together. Never unpickles code."""
-    from bixt.checkpoint import read_state_dict
+    from bixt.checkpoint import read_state_dict, refusal
 
     path = run / STATE
     if not path.is_file():
@@ -69,9 +69,7 @@ def load_checkpoint_state(run: Path) -> tuple[dict[str, Tensor], dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-        reason = (lines or ["it holds objects other than tensors"])[0].strip()
-        raise ValueError(f"{path} was refused, not unpickled ({reason}): it is not a bixt training state") \
+        raise ValueError(f"{path} was refused, not unpickled ({refusal(e)}): it is not a bixt training state") \
             from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable training state ({str(e).splitlines()[0]})") from None
