@@ -3,11 +3,15 @@ throughput at 16,384 tokens against the authors' formulation. A benchmark script
 
     python benchmarks/bench_attention.py                      # N=65,536, M=64, H=6, d_h=32, batch 1, fp32
     python benchmarks/bench_attention.py --tokens 16384 --skip-model --out /tmp/small.json
+    python benchmarks/bench_attention.py --crossover    # fused vs sdpa from 256 to 65,536 tokens: where auto switches
 
 Every backend runs in the same process, round-robin (repeat 1 of each, then repeat 2, ...), so a change in the
 machine's load hits all of them alike; medians are reported. Peak memory is measured in a fresh subprocess per
 backend: the peak resident set (VmHWM, reset through /proc/self/clear_refs; ru_maxrss where that is not possible)
 minus the resident set just before the call, with inputs and cotangents already allocated.
+
+`kept MB` is what a forward keeps for its backward beyond its inputs, parameters and outputs (saved-tensor hooks):
+the memory a training network holds per attention layer until its backward pass.
 
 Two levels: `core` is bidirectional_attention() on (B, H, L, d) tensors (what the backends differ in); `module` is
 BiDirectionalCrossAttention (projections, head split/merge) on (B, L, dim) inputs. `floor_mb` is what any backend
@@ -50,19 +54,7 @@ def module_inputs(B, H, M, N, d):
 
 def make_step(level, backend, shape):
     """A closure running forward + backward once; returns (forward seconds, total seconds)."""
-    if level == "core":
-        x, cot = core_inputs(*shape)
-
-        def run():
-            return bidirectional_attention(*x, backend=backend)
-        wrt = x
-    else:
-        attn, x, cot = module_inputs(*shape)
-        attn.backend = backend
-
-        def run():
-            return attn(*x)
-        wrt = [*x, *attn.parameters()]
+    run, wrt, cot = make_step_inputs(level, backend, shape)
 
     def step():
         t0 = time.perf_counter()
@@ -70,6 +62,45 @@ def make_step(level, backend, shape):
         t1 = time.perf_counter()
         torch.autograd.grad(out, wrt, cot)
         return t1 - t0, time.perf_counter() - t0
+    return step
+
+
+def kept_for_backward(level: str, backend: str, shape) -> float:
+    """MB that a forward keeps for its backward beyond its inputs, parameters and outputs: what a training network
+    holds per attention layer until the backward pass. Counted through saved-tensor hooks, one storage once."""
+    run, owned, _ = make_step_inputs(level, backend, shape)
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    for t in [*owned, *out]:
+        kept.pop(t.untyped_storage().data_ptr(), None)
+    return sum(kept.values()) / 2**20
+
+
+def make_step_inputs(level, backend, shape):
+    """(run, inputs to differentiate, cotangents) for one level and backend."""
+    if level == "core":
+        x, cot = core_inputs(*shape)
+        return (lambda: bidirectional_attention(*x, backend=backend)), x, cot
+    attn, x, cot = module_inputs(*shape)
+    attn.backend = backend
+    return (lambda: attn(*x)), [*x, *attn.parameters()], cot
+
+
+def make_infer_step(level, backend, shape):
+    """A closure running one inference-mode forward; returns (seconds,)."""
+    run, _, _ = make_step_inputs(level, backend, shape)
+
+    def step():
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            run()
+        return (time.perf_counter() - t0,)
     return step
 
 
@@ -186,6 +217,36 @@ def model_benchmark(name: str, img: int, repeats: int, iters: int = 3) -> dict:
             "seconds": {b: statistics.median(t) for b, t in times.items()}, "all_seconds": times}
 
 
+CROSSOVER = ((1, 256), (1, 1024), (8, 196), (1, 2304), (4, 1024), (1, 4096), (2, 4096), (1, 8192), (16, 576),
+             (1, 12288), (1, 16384), (8, 3136), (1, 65536))
+
+
+def crossover(H: int, M: int, d: int, repeats: int, out: Path) -> dict:
+    """fused / sdpa time for (batch, tokens) pairs, inference forward and forward + backward: the data behind
+    `bixt.fused.fused_wins`. Medians of `repeats` round-robin calls; written after every shape."""
+    rows = []
+    for B, N in CROSSOVER:
+        row = {"batch": B, "tokens": N, "batch_tokens": B * N}
+        for level in ("infer", "train"):
+            steps = {b: (make_step if level == "train" else make_infer_step)("core", b, (B, H, M, N, d))
+                     for b in ("sdpa", "fused")}
+            for step in steps.values():
+                step()  # warm-up
+            times = {b: [] for b in steps}
+            for _ in range(repeats):
+                for b, step in steps.items():
+                    times[b].append(step()[-1])
+            med = {b: statistics.median(t) for b, t in times.items()}
+            row[level] = {"sdpa_ms": med["sdpa"] * 1e3, "fused_ms": med["fused"] * 1e3,
+                          "fused_over_sdpa": med["fused"] / med["sdpa"]}
+        rows.append(row)
+        console.log(f"{B} x {N}: fused/sdpa infer {row['infer']['fused_over_sdpa']:.2f}, "
+                    f"train {row['train']['fused_over_sdpa']:.2f}")
+        write_json(out, {"heads": H, "latents": M, "head_dim": d, "threads": torch.get_num_threads(),
+                         "torch": torch.__version__, "rows": rows})
+    return rows
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -207,6 +268,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--levels", nargs="+", default=["core", "module"], choices=["core", "module"])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_attention.json"))
+    p.add_argument("--crossover", action="store_true", help="fused vs sdpa over batch x tokens (auto's switch)")
     p.add_argument("--child", nargs=2, metavar=("LEVEL", "BACKEND"), help=argparse.SUPPRESS)
     p.add_argument("--shape", nargs=5, type=int, help=argparse.SUPPRESS)
     p.add_argument("--model-child", nargs=4, help=argparse.SUPPRESS)
@@ -217,6 +279,19 @@ def main(argv=None) -> None:
         return
     if args.child:
         print(json.dumps(child_memory(*args.child, tuple(args.shape))))
+        return
+    if args.crossover:
+        out = args.out if args.out != p.get_default("out") else Path("benchmarks/results/crossover.json")
+        rows = crossover(args.heads, args.latents, args.head_dim, args.repeats, out)
+        t = Table(title=f"fused / sdpa time, H={args.heads}, M={args.latents}, d_h={args.head_dim}")
+        for col in ("batch x tokens", "infer sdpa ms", "infer fused ms", "infer ratio", "train sdpa ms",
+                    "train fused ms", "train ratio"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            t.add_row(f"{r['batch']} x {r['tokens']}", *(f"{r[lv][k]:.2f}" for lv in ("infer", "train")
+                                                          for k in ("sdpa_ms", "fused_ms", "fused_over_sdpa")))
+        console.print(t)
+        console.print(f"written {out}")
         return
     shape = (args.batch, args.heads, args.latents, args.tokens, args.head_dim)
     B, H, M, N, d = shape
@@ -237,7 +312,8 @@ def main(argv=None) -> None:
             console.log(f"{level}: repeat {r + 1}/{args.repeats}: " +
                         ", ".join(f"{b} {times[b][-1][1] * 1e3:.0f} ms" for b in BACKENDS))
         del steps
-        mem = {b: measure_memory(level, b, shape) for b in BACKENDS}
+        mem = {b: {**measure_memory(level, b, shape), "kept_mb": kept_for_backward(level, b, shape)}
+               for b in BACKENDS}
         result["levels"][level] = {
             b: {"fwd_ms": statistics.median(t[0] for t in times[b]) * 1e3,
                 "fwd_bwd_ms": statistics.median(t[1] for t in times[b]) * 1e3,
@@ -262,14 +338,15 @@ def report(result: dict) -> None:
     for level, rows in result["levels"].items():
         t = Table(title=f"{level}: forward + backward, shape {result['shape']}  (floor {fl:.0f} MB at core level)")
         for col in ("backend", "fwd ms", "fwd+bwd ms", "peak MB", "time / math", "time / sdpa", "math peak / peak",
-                    "math extra / extra"):
+                    "math extra / extra", "kept MB", "math kept / kept"):
             t.add_column(col, justify="right")
         m, s = rows["math"], rows["sdpa"]
         for b, r in rows.items():
             extra = (m["peak_mb"] - fl) / max(r["peak_mb"] - fl, 1e-9) if level == "core" else float("nan")
             t.add_row(b, f"{r['fwd_ms']:.0f}", f"{r['fwd_bwd_ms']:.0f}", f"{r['peak_mb']:.0f}",
                       f"{r['fwd_bwd_ms'] / m['fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_ms'] / s['fwd_bwd_ms']:.2f}",
-                      f"{m['peak_mb'] / r['peak_mb']:.1f}x", f"{extra:.1f}x")
+                      f"{m['peak_mb'] / r['peak_mb']:.1f}x", f"{extra:.1f}x", f"{r['kept_mb']:.1f}",
+                      f"{m['kept_mb'] / max(r['kept_mb'], 1e-9):.0f}x")
         console.print(t)
     if "model" in result:
         mo, rate = result["model"], result["machine"]["gemm_gmacs"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bixt.fused import fused_bidirectional_attention, fused_wins
+from bixt.layers import split_heads
 
 BACKENDS = ("auto", "math", "sdpa", "xformers", "fused")
 
@@ -95,13 +96,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
 
 def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, v_tok: Tensor, *,
                             scale: float | None = None, padding_mask: Tensor | None = None,
-                            dropout_p: tuple[float, float] = (0.0, 0.0),
-                            backend: str = "auto") -> tuple[Tensor, Tensor | None]:
+                            dropout_p: tuple[float, float] = (0.0, 0.0), backend: str = "auto",
+                            packed_tok: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Both directions of BiXT's attention from one similarity matrix.
 
     r_lat, v_lat: (B, H, M, d); r_tok, v_tok: (B, H, N, d). `v_lat=None` is the one-sided form: only the
-    latents are updated. `dropout_p` is (latent direction, token direction).
-    Returns (latent update (B, H, M, d), token update (B, H, N, d) or None).
+    latents are updated. `dropout_p` is (latent direction, token direction). `packed_tok`: the (B, N, 2 * H * d)
+    projection that r_tok and v_tok are `split_heads` of, if they are; the fused backend then takes its gradient
+    as one tensor (no stack and copy in autograd). Returns (latent update (B, H, M, d), token update (B, H, N, d)
+    or None).
     """
     scale = r_lat.shape[-1] ** -0.5 if scale is None else scale
     drop_lat, drop_tok = dropout_p
@@ -112,7 +115,7 @@ def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, 
         if drop_lat or drop_tok:
             raise ValueError("the fused attention backend has no attention dropout: use backend 'auto' or 'sdpa' "
                              "while training with attn_drop > 0")
-        return fused_bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale, padding_mask)
+        return fused_bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale, padding_mask, packed_tok=packed_tok)
     if name == "math":
         scores = (r_lat @ r_tok.transpose(-2, -1)) * scale  # the one B x H x M x N matrix
         lat = _probs(scores, padding_mask, drop_lat) @ v_tok
@@ -124,12 +127,6 @@ def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, 
     tok = None if v_lat is None else attention(r_tok, r_lat, v_lat, scale=scale, dropout_p=drop_tok,
                                                backend=backend)
     return lat, tok
-
-
-def _split_heads(x: Tensor, parts: int, heads: int) -> tuple[Tensor, ...]:
-    # Fused projections are laid out (parts, heads, head_dim) along features, as in the authors' code.
-    B, L, _ = x.shape
-    return x.reshape(B, L, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _merge_heads(x: Tensor) -> Tensor:
@@ -180,13 +177,14 @@ class BiDirectionalCrossAttention(_CrossAttention):
     def forward(self, latents: Tensor, tokens: Tensor,
                 padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if self.one_sided:
-            (r_lat,), v_lat = _split_heads(self.r_lat(latents), 1, self.num_heads), None
+            (r_lat,), v_lat = split_heads(self.r_lat(latents), 1, self.num_heads), None
         else:
-            r_lat, v_lat = _split_heads(self.rv_lat(latents), 2, self.num_heads)
-        r_tok, v_tok = _split_heads(self.rv_tok(tokens), 2, self.num_heads)
+            r_lat, v_lat = split_heads(self.rv_lat(latents), 2, self.num_heads)
+        rv_tok = self.rv_tok(tokens)
+        r_tok, v_tok = split_heads(rv_tok, 2, self.num_heads)
         p = self.attn_drop if self.training else 0.0
         lat, tok = bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale=self.scale, padding_mask=padding_mask,
-                                           dropout_p=(p, p), backend=self.backend)
+                                           dropout_p=(p, p), backend=self.backend, packed_tok=rv_tok)
         lat = self.proj_drop(self.proj_lat(_merge_heads(lat)))
         if tok is not None:
             tok = self.proj_drop(self.proj_tok(_merge_heads(tok)))
@@ -217,8 +215,8 @@ class SequentialCrossAttention(_CrossAttention):
 
     def _read(self, to_q: nn.Linear, to_kv: nn.Linear, to_out: nn.Linear, x: Tensor, context: Tensor,
               key_padding_mask: Tensor | None) -> Tensor:
-        (q,) = _split_heads(to_q(x), 1, self.num_heads)
-        k, v = _split_heads(to_kv(context), 2, self.num_heads)
+        (q,) = split_heads(to_q(x), 1, self.num_heads)
+        k, v = split_heads(to_kv(context), 2, self.num_heads)
         out = attention(q, k, v, scale=self.scale, key_padding_mask=key_padding_mask,
                         dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         return self.proj_drop(to_out(_merge_heads(out)))
@@ -250,7 +248,7 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
+        q, k, v = split_heads(self.qkv(x), 3, self.num_heads)
         out = attention(q, k, v, key_padding_mask=key_padding_mask,
                         dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         return self.proj_drop(self.proj(_merge_heads(out)))

@@ -1,15 +1,19 @@
 """Fused bi-directional attention: one similarity computation per token chunk, no M x N tensor kept.
 
 The tokens are processed in chunks of C. For one chunk the block S = R_tok R_lat^T * scale is C x M (token-major):
-- the tokens' softmax over the M latents is complete inside the block (along memory), so P_tok is formed in place
-  and the tokens' output is written by one matmul, straight into the output;
+- the tokens' softmax over the M latents is complete inside the block (along memory), so the tokens' output is
+  one matmul with the exponentiated block, written straight into the output and divided by the block's row sums;
 - the latents' softmax over all N tokens is an online softmax (FlashAttention-style running sums).
 
-One exponential per block serves both directions. The latents need exp(S_ji - m) with one offset m per head:
-that is P_tok[j, i] * f_j with f_j = exp(lse_tok_j - m) <= 1, a factor per TOKEN, folded into the token values
-(P_tok^T @ (f * V_tok)) instead of a second pass over the block; padding sets f_j = 0. It loses precision only for
-a latent whose similarities all sit ~40 below its head's maximum; that is detected (its softmax denominator is
-tiny) and the latents are then recomputed with per-latent offsets (`_latents_per_row`, also the one-sided path).
+One exponential per block serves both directions. The block is exponentiated once with the tokens' offsets,
+E_ji = exp(S_ji - max_i S_ji); the latents need exp(S_ji - m) with one offset m per head: that is E_ji * f_j with
+f_j = exp(max_i S_ji - m) <= 1, a factor per TOKEN, folded into the token values (E^T @ (f * V_tok)) instead of a
+second pass over the block; padding sets f_j = 0. It loses precision only for a latent whose similarities all sit
+~40 below its head's maximum; that is detected (its softmax denominator is tiny) and the latents are then
+recomputed with per-latent offsets (`_latents_per_row`, also the one-sided path).
+
+On CPU the tokens are split into contiguous ranges, one per thread; each range's latent sums are partial
+(split-K, as in flash-decoding) and `_merge` combines them, rescaling to the largest offset.
 
 Backward recomputes each block from R and the saved log-sum-exps (per latent, and per token: N floats per head,
 which spares a max pass per block) and gets both directions' dS from ONE extra matmul: P_lat = P_tok * g_i * h_j
@@ -29,13 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from bixt.layers import check_padding_mask
+from bixt.layers import check_padding_mask, split_heads
 
 # A latent whose softmax denominator (relative to its head's offset) falls below this has lost precision to
 # underflow in the shared-exp forward: recompute the latents with per-latent offsets.
 _TINY = 2.0**-60
 _DEFAULT_CACHE = 16 * 1024**2
-_AUTO_MIN_TOKENS = 4096
+_AUTO_MIN_TOKENS = {True: 4096, False: 8192}  # tokens in the batch, by whether a backward pass follows
 _LOG2E = 1.4426950408889634
 
 
@@ -54,16 +58,18 @@ def cache_bytes() -> int:
     return best or _DEFAULT_CACHE
 
 
-def chunk_size(batch: int, heads: int, latents: int, head_dim: int, cache: int | None = None) -> int:
-    """Tokens per chunk: one chunk's working set fills half of the last-level cache.
+def chunk_size(batch: int, heads: int, latents: int, head_dim: int, cache: int | None = None,
+               threads: int | None = None) -> int:
+    """Tokens per chunk: the chunks that `threads` threads (default: torch's count) work on at once fill half of
+    the last-level cache.
 
     Per token and head a chunk holds two M-long float32 columns (the block and the backward's dS) and about six
-    d-long rows (R, V, output, gradients). Measured on a 2-core Zen 3 (512 KiB L2, 32 MiB L3): L2-sized chunks
-    (~128 tokens at M=64, H=6) are 20-40 % slower than LLC-sized ones (1-2k tokens), because each of the ~40
-    torch ops per chunk costs a fixed dispatch and thread fork/join (far more when the cores are shared).
+    d-long rows (R, V, output, gradients). Measured on a 2-core Zen 3 (1 MiB L2 per core, 32 MiB L3), M=64, H=6,
+    d=32, 2 threads, forward + backward at N=65,536: 512 tokens 236 ms, 1,024 218 ms, 2,176 231 ms; smaller chunks
+    pay the fixed cost of ~15 torch ops per chunk, larger ones spill the cache.
     """
     per_token = batch * heads * (2 * latents + 6 * head_dim) * 4
-    c = (cache or cache_bytes()) // 2 // per_token
+    c = (cache or cache_bytes()) // 2 // per_token // max(1, threads or torch.get_num_threads())
     return int(min(max(256, c // 64 * 64), 16384))
 
 
@@ -72,28 +78,33 @@ def fused_macs(batch: int, heads: int, latents: int, tokens: int, head_dim: int,
     return batch * heads * latents * tokens * head_dim * (3 if two_sided else 2)
 
 
-def fused_wins(r_lat: Tensor, r_tok: Tensor) -> bool:
-    """Where `auto` picks this backend over sdpa: CPU, float32/64, at least 4,096 tokens in the batch.
+def fused_wins(r_lat: Tensor, r_tok: Tensor, training: bool | None = None) -> bool:
+    """Where `auto` picks this backend over sdpa: CPU, float32/64, and at least 4,096 tokens in the batch when a
+    backward pass follows (`training`; default: grad mode is on and an input requires grad), 8,192 when not.
 
-    Measured on a 2-core Zen 3 (M=64, H=6, d=32; forward and forward+backward alike): fused/sdpa time 1.1-1.2 at
-    1 x 1,024 tokens, ~1.0 at 8 x 196 and 1 x 2,304, 0.86 at 1 x 4,096, 0.73 at 1 x 16,384, 0.82 at 8 x 3,136.
+    The crossover measured by `python benchmarks/bench_attention.py --crossover` (benchmarks/results/crossover.json).
     """
+    if training is None:
+        training = torch.is_grad_enabled() and (r_lat.requires_grad or r_tok.requires_grad)
     return (r_lat.device.type == "cpu" and r_lat.dtype in (torch.float32, torch.float64)
-            and r_tok.shape[0] * r_tok.shape[2] >= _AUTO_MIN_TOKENS)
+            and r_tok.shape[0] * r_tok.shape[2] >= _AUTO_MIN_TOKENS[training])
 
 
 def fvcore_handle(inputs, outputs) -> int:
     """fvcore op handle for FVCORE_OP: MACs of one call from the traced input shapes.
 
-    jit records only the tensor arguments: r_lat, [v_lat], r_tok, v_tok, [padding_mask]; four 4-D inputs mean
-    two-sided. Register with `FlopCountAnalysis(...).set_op_handle(FVCORE_OP, fvcore_handle)`.
+    jit records only the tensor arguments: r_lat, [v_lat], then r_tok and v_tok (4-D) or packed_tok (3-D, both
+    halves), then [padding_mask]; four token-or-latent operands mean two-sided. Register with
+    `FlopCountAnalysis(...).set_op_handle(FVCORE_OP, fvcore_handle)`.
     """
-    shapes = [v.type().sizes() for v in inputs if v.isCompleteTensor() and len(v.type().sizes()) == 4]
-    if len(shapes) not in (3, 4):
-        raise ValueError(f"{FVCORE_OP} traced with {len(shapes)} complete 4-D inputs, expected 3 or 4: "
+    shapes = [v.type().sizes() for v in inputs if v.isCompleteTensor()]
+    four, packed = [s for s in shapes if len(s) == 4], [s for s in shapes if len(s) == 3]
+    operands = len(four) + 2 * len(packed)
+    if not four or len(packed) > 1 or operands not in (3, 4):
+        raise ValueError(f"{FVCORE_OP} traced with {len(shapes)} complete inputs of unexpected ranks: "
                          "trace with concrete tensors")
-    (B, H, M, d), N = shapes[0], shapes[-1][2]
-    return fused_macs(B, H, M, N, d, two_sided=len(shapes) == 4)
+    (B, H, M, d), N = four[0], packed[0][1] if packed else four[-1][2]
+    return fused_macs(B, H, M, N, d, two_sided=operands == 4)
 
 
 def _rows(x: Tensor, n0: int, n1: int, buf: Tensor | None = None) -> Tensor | None:
@@ -135,21 +146,24 @@ def _token_major(B: int, H: int, N: int, d: int, like: Tensor) -> Tensor:
     return like.new_empty(B, N, H, d).permute(0, 2, 1, 3)
 
 
-def _latents_per_row(rl2t: Tensor, r_tok: Tensor, v_tok: Tensor, mask: Tensor | None, C: int):
-    """The latents' direction alone, with a running max per latent: the one-sided forward and the fallback.
+def _blocks(n_a: int, n_b: int, C: int):
+    """Tokens n_a:n_b in blocks of at most C, evened out (no tiny last block)."""
+    count = -(-(n_b - n_a) // C)
+    size = -(-(n_b - n_a) // count) if count else C
+    return [(n0, min(n0 + size, n_b)) for n0 in range(n_a, n_b, size)]
 
-    rl2t: (BH, d, M), R_lat pre-scaled by scale * log2(e). Returns the latent update (BH, M, d) and the
-    per-latent log-sum-exp in base 2 (BH, M).
-    """
+
+def _latents_per_row(rl2t: Tensor, r_tok: Tensor, v_tok: Tensor, mask: Tensor | None, C: int, n_a: int, n_b: int):
+    """The latents' direction alone over tokens n_a:n_b, with a running max per latent: the one-sided forward and
+    the fallback. rl2t: (BH, d, M), R_lat pre-scaled by scale * log2(e). Returns partial sums for `_merge`:
+    (BH, d + 1, M) (last row the softmax denominators) and the offsets (BH, 1, M)."""
     BH, d, M = rl2t.shape
-    B, H, N, _ = r_tok.shape
+    B, H = r_tok.shape[:2]
     S = rl2t.new_empty(BH, C, M)
     buf = rl2t.new_empty(2, BH * C * d)
-    acc_t = rl2t.new_zeros(BH, d, M)
-    l_ = rl2t.new_zeros(BH, 1, M)
+    acc = rl2t.new_zeros(BH, d + 1, M)
     m = rl2t.new_full((BH, 1, M), torch.finfo(rl2t.dtype).min)
-    for n0 in range(0, N, C):
-        n1 = min(n0 + C, N)
+    for n0, n1 in _blocks(n_a, n_b, C):
         e = torch.bmm(_rows(r_tok, n0, n1, buf[0]), rl2t, out=_block(S, n1 - n0))
         if mask is not None:
             e.view(B, H, n1 - n0, M).masked_fill_(mask[:, None, n0:n1, None], float("-inf"))
@@ -157,103 +171,77 @@ def _latents_per_row(rl2t: Tensor, r_tok: Tensor, v_tok: Tensor, mask: Tensor | 
         alpha = (m - m_new).exp2_()
         m = m_new
         e.sub_(m).exp2_()
-        l_.mul_(alpha).add_(e.sum(dim=1, keepdim=True))
-        acc_t.mul_(alpha).baddbmm_(_rows(v_tok, n0, n1, buf[1]).transpose(1, 2), e)
-    return (acc_t / l_).transpose(1, 2), (m + l_.log2()).squeeze(1)
+        acc.mul_(alpha)
+        acc[:, :d].baddbmm_(_rows(v_tok, n0, n1, buf[1]).transpose(1, 2), e)
+        acc[:, d:].add_(e.sum(dim=1, keepdim=True))
+    return acc, m
 
 
-def _forward_group(r_lat, v_lat, r_tok, v_tok, mask, scale, C, tok):
-    """Forward for one group of heads; writes the token update into `tok`. Returns the latent update (BH, M, d),
-    the base-2 log-sum-exps per latent (BH, M) and per token (BH, N), the head offsets m (BH, 1), and whether the
-    shared-exp latents were exact (see the module docstring)."""
-    B, H, M, d = r_lat.shape
-    N, BH = r_tok.shape[2], B * H
-    rl2t = (r_lat * (scale * _LOG2E)).reshape(BH, M, d).transpose(1, 2)
-    if v_lat is None:  # one-sided: the latents' online softmax with per-latent offsets is all there is
-        return (*_latents_per_row(rl2t, r_tok, v_tok, mask, C), None, None, False)
-    vl = v_lat.reshape(BH, M, d).contiguous()
+def _forward_range(rl2t, vl, r_tok, v_tok, mask, C, n_a, n_b, tok, lse_tok):
+    """Both directions over tokens n_a:n_b: writes their token update into `tok` and their base-2 log-sum-exps into
+    `lse_tok` (BH, N); returns the latents' partial sums for `_merge`: (BH, d + 1, M) (last row the softmax
+    denominators) relative to one offset per head, (BH, 1, 1)."""
+    BH, d, M = rl2t.shape
+    B, H = r_tok.shape[:2]
     S = rl2t.new_empty(BH, C, M)
     buf = rl2t.new_empty(3, BH * C * (d + 1))
-    lse_tok = rl2t.new_empty(BH, N)
-    acc_t = rl2t.new_zeros(BH, d + 1, M)  # last row: the latents' softmax denominators
+    acc = rl2t.new_zeros(BH, d + 1, M)
     m = rl2t.new_full((BH, 1), torch.finfo(rl2t.dtype).min)
-    for n0 in range(0, N, C):
-        n1 = min(n0 + C, N)
+    for n0, n1 in _blocks(n_a, n_b, C):
         n = n1 - n0
         e = torch.bmm(_rows(r_tok, n0, n1, buf[0]), rl2t, out=_block(S, n))
         cmax = e.amax(dim=2, keepdim=True)
         e.sub_(cmax).exp2_()
         colsum = e.sum(dim=2, keepdim=True)
-        p = e.div_(colsum)  # the tokens' softmax over latents, complete in this chunk
-        _store(tok, n0, n1, lambda out, p=p: torch.bmm(p, vl, out=out), buf[2])
-        lse = torch.add(cmax, colsum.log2_(), out=lse_tok[:, n0:n1, None]).squeeze(2)
+        # The tokens' softmax over latents is complete in this block; normalising the (n, d) product instead of
+        # the (n, M) block saves a pass over the block.
+        rows = _store(tok, n0, n1, lambda out, e=e: torch.bmm(e, vl, out=out), buf[2])
+        rows.div_(colsum.view(B, H, n, 1))
+        torch.add(cmax, colsum.log2_(), out=lse_tok[:, n0:n1, None])
+        c = cmax.view(BH, n)
         if mask is not None:
-            lse = lse.view(B, H, n).masked_fill(mask[:, None, n0:n1], float("-inf")).view(BH, n)
-        # The latents' weights exp2(S - m) = p * f_j, f_j = exp2(lse_j - m) <= 1: a factor per token.
-        m_new = torch.maximum(m, lse.amax(dim=1, keepdim=True))
+            c = c.view(B, H, n).masked_fill(mask[:, None, n0:n1], float("-inf")).view(BH, n)
+        # The latents' weights exp2(S - m) = e * f_j with f_j = exp2(cmax_j - m) <= 1: a factor per token.
+        m_new = torch.maximum(m, c.amax(dim=1, keepdim=True))
         alpha = (m - m_new).exp2_()[:, :, None]
         m = m_new
         vf = buf[1, : BH * n * (d + 1)].view(BH, n, d + 1)
-        f = torch.sub(lse, m, out=vf[:, :, d]).exp2_()
+        f = torch.sub(c, m, out=vf[:, :, d]).exp2_()
         torch.mul(v_tok[:, :, n0:n1], f.view(B, H, n, 1), out=vf[:, :, :d].view(B, H, n, d))
-        acc_t.mul_(alpha).baddbmm_(vf.transpose(1, 2), p)
-    l_ = acc_t[:, d:]
-    if l_.min() >= _TINY:
-        return (acc_t[:, :d] / l_).transpose(1, 2), m + l_.squeeze(1).log2(), lse_tok, m, True
-    # Some latent's similarities all sit far below its head's maximum: per-latent offsets.
-    return (*_latents_per_row(rl2t, r_tok, v_tok, mask, C), lse_tok, m, False)
+        acc.mul_(alpha).baddbmm_(vf.transpose(1, 2), e)
+    return acc, m[:, :, None]
 
 
-def _backward_group(r_lat, v_lat, r_tok, v_tok, mask, lat, tok, lse_lat, lse_tok, m, shared, d_lat, d_tok,
-                    scale, C, grads):
-    """Backward for one group of heads, written into the group's slices of `grads`."""
-    B, H, M, d = r_lat.shape
-    N, BH = r_tok.shape[2], B * H
-    rl = r_lat.reshape(BH, M, d).contiguous()
-    d_lat = d_lat.reshape(BH, M, d)
-    lat, lse_lat = lat.reshape(BH, M, d), lse_lat.reshape(BH, M)
-    keep = None if mask is None else (~mask)[:, None].expand(B, H, N).reshape(BH, N).to(rl.dtype)
-    lat_pass = dict(d_lat=d_lat, D_lat=(d_lat * lat).sum(dim=2, keepdim=True), keep=keep)
-    acc = dict(r_lat=rl.new_zeros(BH, d, M), v_lat=rl.new_zeros(BH, d, M), r_tok=grads["r_tok"],
-               v_tok=grads["v_tok"])
-    args = (rl, r_tok, v_tok, mask, scale, C, acc)
-    if v_lat is None:
-        _backward_pass(*args, lat=dict(lat_pass, row_off=lse_lat))
-    else:
-        lse_tok, m = lse_tok.reshape(BH, N), m.reshape(BH, 1)
-        tok_pass = dict(v_lat=v_lat.reshape(BH, M, d), d_tok=d_tok, tok=tok, col_off=lse_tok)
-        if shared:  # one pass: P_lat = P_tok * g_i * h_j
-            g = (m - lse_lat).exp2_()[:, :, None]
-            h = (lse_tok - m).exp2_()
-            _backward_pass(*args, lat=dict(lat_pass, g=g, h=h if keep is None else h.mul_(keep)), tok=tok_pass)
-        else:
-            _backward_pass(*args, lat=dict(lat_pass, row_off=lse_lat))
-            _backward_pass(*args, tok=tok_pass, accumulate=True)
-        grads["v_lat"].copy_(acc["v_lat"].transpose(1, 2).view(B, H, M, d))
-    grads["r_lat"].copy_(acc["r_lat"].transpose(1, 2).view(B, H, M, d))
+def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Partial online-softmax sums of disjoint token ranges [(sums, offsets)] -> one (sums, offsets) (split-K)."""
+    m = functools.reduce(torch.maximum, [p[1] for p in parts])
+    return sum(acc * (mk - m).exp2() for acc, mk in parts), m
 
 
 _POOL: ThreadPoolExecutor | None = None
+_MIN_TOKENS_PER_THREAD = 256
 
 
-def _head_groups(B: int, H: int, device: torch.device) -> list[tuple[slice, slice]]:
-    """(batch, head) slices, one per intra-op thread on CPU: heads when there are enough, else batch entries."""
+def _token_ranges(N: int, device: torch.device) -> list[tuple[int, int]]:
+    """Contiguous token ranges, one per intra-op thread on CPU (at least _MIN_TOKENS_PER_THREAD each).
+
+    Splitting the tokens rather than the heads gives each thread its own rows of every output: threads splitting
+    heads write interleaved parts of the same freshly allocated pages, and the page faults then contend (measured:
+    each thread 1.5x slower than alone).
+    """
     T = torch.get_num_threads() if device.type == "cpu" else 1
-    if T > 1 and max(B, H) > 1:
-        n, by_head = (H, True) if H > 1 else (B, False)
-        cuts = [n * i // min(T, n) for i in range(min(T, n) + 1)]
-        parts = [slice(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
-        return [(slice(None), p) if by_head else (p, slice(None)) for p in parts]
-    return [(slice(None), slice(None))]
+    parts = max(1, min(T, N // _MIN_TOKENS_PER_THREAD))
+    cuts = [N * k // parts for k in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=False))
 
 
 def _run(fn, items: list) -> list:
     """fn over items: inline for one item, else one item per pool thread with single-threaded torch ops.
 
-    Each group of heads is independent, so threads never wait on each other until the end, whereas torch's own
-    intra-op threads meet at a barrier after every op (~40 per chunk): on a busy machine each barrier can cost a
-    scheduler time slice (measured: 2-10x slowdowns). torch's thread count is set to 1 for the duration (a
-    process-wide setting; restored after) so the groups do not oversubscribe the cores.
+    The items are independent, so threads never wait on each other until the end, whereas torch's own intra-op
+    threads meet at a barrier after every op (~15 per block): on a busy machine each barrier can cost a scheduler
+    time slice (measured: 2-10x slowdowns). torch's thread count is set to 1 for the duration (a process-wide
+    setting; restored after) so the items do not oversubscribe the cores.
     """
     global _POOL
     if len(items) == 1:
@@ -294,65 +282,87 @@ _SINGLE_THREADED = _SingleThreaded()
 
 
 class FusedBiDirectionalAttention(torch.autograd.Function):
-    """(r_lat, v_lat | None, r_tok, v_tok, padding_mask | None, scale, chunk) -> (latent update, token update | None).
+    """(r_lat, v_lat | None, r_tok, v_tok, packed_tok, padding_mask | None, scale, chunk) -> (latent update, token
+    update | None); either r_tok and v_tok or packed_tok (see `fused_bidirectional_attention`) is None.
 
     Shapes as `bixt.attention.bidirectional_attention`; the token update is a (B, H, N, d) view of (B, N, H, d)
-    memory. Groups of heads run in parallel threads (`_run`).
+    memory. Token ranges run in parallel threads (`_run`); the latents' partial sums are merged at the end.
     """
 
     @staticmethod
-    def forward(ctx, r_lat, v_lat, r_tok, v_tok, padding_mask, scale, chunk):
+    def forward(ctx, r_lat, v_lat, r_tok, v_tok, packed_tok, padding_mask, scale, chunk):
         B, H, M, d = r_lat.shape
-        N, C = r_tok.shape[2], min(chunk, r_tok.shape[2])
-        lat, lse_lat = r_lat.new_empty(B, H, M, d), r_lat.new_empty(B, H, M)
+        if packed_tok is not None:
+            r_tok, v_tok = split_heads(packed_tok, 2, H)
+        N, BH = r_tok.shape[2], B * H
+        C = min(chunk, N)
+        ranges = _token_ranges(N, r_lat.device)
+        rl2t = (r_lat * (scale * _LOG2E)).reshape(BH, M, d).transpose(1, 2)
         tok = lse_tok = m = None
+        shared = False
         if v_lat is not None:
-            tok, lse_tok, m = _token_major(B, H, N, d, r_lat), r_lat.new_empty(B, H, N), r_lat.new_empty(B, H, 1)
-        groups = _head_groups(B, H, r_lat.device)
-
-        def work(g):
-            def part(t):
-                return None if t is None else t[g]
-            mask = None if padding_mask is None else padding_mask[g[0]]
-            out = _forward_group(part(r_lat), part(v_lat), part(r_tok), part(v_tok), mask, scale, C, part(tok))
-            for full, val in zip((lat, lse_lat, lse_tok, m), out[:4], strict=True):
-                if full is not None:
-                    full[g].copy_(val.view(full[g].shape))
-            return out[4]
-
-        ctx.shared = _run(work, groups)
-        ctx.groups, ctx.scale, ctx.chunk = groups, scale, C
-        ctx.save_for_backward(r_lat, v_lat, r_tok, v_tok, padding_mask, lat, tok, lse_lat, lse_tok, m)
+            tok, lse_tok = _token_major(B, H, N, d, r_lat), r_lat.new_empty(BH, N)
+            vl = v_lat.reshape(BH, M, d).contiguous()
+            acc, m = _merge(_run(lambda r: _forward_range(rl2t, vl, r_tok, v_tok, padding_mask, C, *r, tok, lse_tok),
+                                 ranges))
+            shared = bool(acc[:, d].min() >= _TINY)
+            m_lat = m
+        if not shared:  # one-sided, or some latent's similarities all sit far below its head's maximum
+            acc, m_lat = _merge(_run(lambda r: _latents_per_row(rl2t, r_tok, v_tok, padding_mask, C, *r), ranges))
+        l_ = acc[:, d:]
+        lat = (acc[:, :d] / l_).transpose(1, 2).reshape(B, H, M, d)
+        lse_lat = (m_lat + l_.log2()).view(B, H, M)
+        ctx.shared, ctx.ranges, ctx.scale, ctx.chunk = shared, ranges, scale, C
+        ctx.packed = packed_tok is not None
+        ctx.save_for_backward(r_lat, v_lat, *((packed_tok, None) if ctx.packed else (r_tok, v_tok)), padding_mask,
+                              lat, tok, lse_lat, lse_tok, m)
         return lat, tok
 
     @staticmethod
     def backward(ctx, d_lat, d_tok):
         r_lat, v_lat, r_tok, v_tok, mask, lat, tok, lse_lat, lse_tok, m = ctx.saved_tensors
         B, H, M, d = r_lat.shape
-        N = r_tok.shape[2]
-        grads = dict(r_lat=torch.empty_like(r_lat, memory_format=torch.contiguous_format),
-                     v_lat=None if v_lat is None else torch.empty_like(r_lat, memory_format=torch.contiguous_format),
-                     r_tok=_token_major(B, H, N, d, r_lat), v_tok=_token_major(B, H, N, d, r_lat))
+        if ctx.packed:
+            packed, (r_tok, v_tok) = r_tok, split_heads(r_tok, 2, H)
+        N, BH = r_tok.shape[2], B * H
+        rl, d_lat = r_lat.reshape(BH, M, d).contiguous(), d_lat.reshape(BH, M, d)
+        lse_lat = lse_lat.reshape(BH, M)
+        keep = None if mask is None else (~mask)[:, None].expand(B, H, N).reshape(BH, N).to(rl.dtype)
+        lat_pass = dict(d_lat=d_lat, D_lat=(d_lat * lat.reshape(BH, M, d)).sum(dim=2, keepdim=True), h=keep)
+        if v_lat is None:
+            passes = [dict(lat=dict(lat_pass, row_off=lse_lat))]
+        else:
+            tok_pass = dict(v_lat=v_lat.reshape(BH, M, d), d_tok=d_tok, tok=tok, col_off=lse_tok)
+            if ctx.shared:  # one pass: P_lat = P_tok * g_i * h_j
+                g = (m.view(BH, 1) - lse_lat).exp2_()[:, :, None]
+                h = (lse_tok - m.view(BH, 1)).exp2_()
+                passes = [dict(lat=dict(lat_pass, g=g, h=h if keep is None else h.mul_(keep)), tok=tok_pass)]
+            else:
+                passes = [dict(lat=dict(lat_pass, row_off=lse_lat)), dict(tok=tok_pass, accumulate=True)]
+        if ctx.packed:  # the gradient of the packed projection, written in place through its two halves
+            d_packed = torch.empty_like(packed, memory_format=torch.contiguous_format)
+            tok_grads = dict(zip(("r_tok", "v_tok"), split_heads(d_packed, 2, H), strict=True))
+        else:
+            tok_grads = dict(r_tok=_token_major(B, H, N, d, r_lat), v_tok=_token_major(B, H, N, d, r_lat))
 
-        def work(k):
-            g = ctx.groups[k]
+        def work(rng):
+            grads = dict(r_lat=rl.new_zeros(BH, d, M), v_lat=rl.new_zeros(BH, d, M), **tok_grads)
+            for p in passes:
+                _backward_pass(rl, r_tok, v_tok, mask, ctx.scale, ctx.chunk, grads, *rng, **p)
+            return grads["r_lat"], grads["v_lat"]
 
-            def part(t):
-                return None if t is None else t[g]
-            _backward_group(*map(part, (r_lat, v_lat, r_tok, v_tok)), None if mask is None else mask[g[0]],
-                            *map(part, (lat, tok, lse_lat, lse_tok, m)), ctx.shared[k], part(d_lat), part(d_tok),
-                            ctx.scale, ctx.chunk, {name: part(t) for name, t in grads.items()})
-
-        _run(work, list(range(len(ctx.groups))))
-        return grads["r_lat"], grads["v_lat"], grads["r_tok"], grads["v_tok"], None, None, None
+        parts = _run(work, ctx.ranges)
+        g_rlat, g_vlat = (sum(p[i] for p in parts).transpose(1, 2).reshape(B, H, M, d) for i in (0, 1))
+        g_tok = (None, None, d_packed) if ctx.packed else (tok_grads["r_tok"], tok_grads["v_tok"], None)
+        return g_rlat, None if v_lat is None else g_vlat, *g_tok, None, None, None
 
 
 # How the op appears in a jit trace (fvcore's name for a custom autograd.Function).
 FVCORE_OP = f"prim::PythonOp.{FusedBiDirectionalAttention.__name__}"
 
 
-def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, lat=None, tok=None, accumulate=False):
-    """The gradients of the latents' and/or the tokens' direction, one chunk at a time.
+def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat=None, tok=None, accumulate=False):
+    """The gradients of the latents' and/or the tokens' direction over tokens n_a:n_b, one block at a time.
 
     E = exp2(S - row_off_i - col_off_j) is recomputed per block. With the tokens' direction in the pass it is
     P_tok (col_off = lse_tok), and P_lat = E * g_i * h_j. With X = scale * [g dO_lat, -g D_lat, V_lat, -1]
@@ -360,14 +370,13 @@ def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, lat=None, tok=None, 
     Gradients of R_lat and V_lat accumulate transposed, (BH, d, M), which keeps every matmul's layout fast.
     """
     BH, M, d = rl.shape
-    B, H, N, _ = r_tok.shape
+    B, H = r_tok.shape[:2]
     rl2t = (rl * (scale * _LOG2E)).transpose(1, 2)
     cols = []
     if lat is not None:
-        g = lat.get("g")
+        g, h = lat.get("g"), lat["h"]
         gd = lat["d_lat"] if g is None else lat["d_lat"] * g
         cols += [gd * scale, (lat["D_lat"] if g is None else lat["D_lat"] * g) * -scale]
-        h = lat.get("h", lat["keep"])
     if tok is not None:
         cols += [tok["v_lat"] * scale, rl.new_full((BH, M, 1), -scale)]
     xt = torch.cat(cols, dim=2).transpose(1, 2)  # (BH, K, M)
@@ -376,8 +385,7 @@ def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, lat=None, tok=None, 
     S, dS = rl.new_empty(BH, C, M), rl.new_empty(BH, C, M)
     Y = rl.new_empty(BH, C, k)
     buf = rl.new_empty(3, BH * C * d)
-    for n0 in range(0, N, C):
-        n1 = min(n0 + C, N)
+    for n0, n1 in _blocks(n_a, n_b, C):
         n = n1 - n0
         rt = _rows(r_tok, n0, n1, buf[0])
         e = torch.bmm(rt, rl2t, out=_block(S, n))
@@ -414,20 +422,31 @@ def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, lat=None, tok=None, 
 
 
 def fused_bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, v_tok: Tensor, scale: float,
-                                  padding_mask: Tensor | None = None,
-                                  chunk: int | None = None) -> tuple[Tensor, Tensor | None]:
+                                  padding_mask: Tensor | None = None, chunk: int | None = None,
+                                  packed_tok: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Both directions of BiXT's attention in one pass over the tokens; see the module docstring.
 
     r_lat, v_lat: (B, H, M, d), v_lat None for the one-sided form; r_tok, v_tok: (B, H, N, d); padding_mask (B, N)
-    bool, True marking padding. `chunk` overrides the tokens per chunk (default: `chunk_size`).
+    bool, True marking padding. `chunk` overrides the tokens per chunk (default: `chunk_size`). `packed_tok`: the
+    (B, N, 2 * H * d) projection r_tok and v_tok are `bixt.layers.split_heads` of; given, the op takes it as its
+    input and returns its gradient whole, written in place, instead of two gradients that autograd would stack
+    and copy (100 MB each at 65k tokens, H * d = 192).
     """
     B, H, M, d = r_lat.shape
     check_padding_mask(padding_mask, (B, r_tok.shape[2]))
     chunk = chunk or chunk_size(B, H, M, d)
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
+    if packed_tok is not None:
+        halves = split_heads(packed_tok, 2, H)
+        if not all(a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+                   for a, b in zip(halves, (r_tok, v_tok), strict=True)):
+            raise ValueError("packed_tok must be the tensor r_tok and v_tok were split from by "
+                             "bixt.layers.split_heads(packed_tok, 2, heads); pass packed_tok=None otherwise")
+        r_tok = v_tok = None
     dtype = r_lat.dtype
     if dtype in (torch.float16, torch.bfloat16):  # running sums need float32; the inputs are cast per call
-        r_lat, v_lat, r_tok, v_tok = (None if t is None else t.float() for t in (r_lat, v_lat, r_tok, v_tok))
-    lat, tok = FusedBiDirectionalAttention.apply(r_lat, v_lat, r_tok, v_tok, padding_mask, scale, chunk)
+        r_lat, v_lat, r_tok, v_tok, packed_tok = (None if t is None else t.float()
+                                                  for t in (r_lat, v_lat, r_tok, v_tok, packed_tok))
+    lat, tok = FusedBiDirectionalAttention.apply(r_lat, v_lat, r_tok, v_tok, packed_tok, padding_mask, scale, chunk)
     return lat.to(dtype), None if tok is None else tok.to(dtype)

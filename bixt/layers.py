@@ -61,6 +61,13 @@ def add_per_token(x: Tensor, branch, training: bool) -> Tensor:
     return x
 
 
+def split_heads(x: Tensor, parts: int, heads: int) -> tuple[Tensor, ...]:
+    """(B, L, parts * heads * d) -> `parts` views (B, heads, L, d). Fused projections are laid out (parts, heads,
+    head_dim) along features, as in the authors' code."""
+    B, L, _ = x.shape
+    return x.reshape(B, L, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def check_padding_mask(mask: Tensor | None, shape: tuple[int, int], need_a_token: bool = False) -> None:
     """A (B, N) bool padding mask (True marks padding) for `shape` = (B, N); with `need_a_token`, every sample must
     keep a real token (the latents' softmax over an all-padding sample would be empty)."""

@@ -136,7 +136,8 @@ def prepare(setup: Setup) -> Prepared:
         if cfg.attn_backend == "auto" and any(isinstance(m, BiDirectionalCrossAttention) for m in model.modules()):
             probe = torch.empty(1, device=device, dtype=dtype)  # auto picks `fused` by device, dtype and B x N
             B = setup.batch_size
-            if fused_wins(probe.expand(B, 1, 1, 1), probe.expand(B, 1, setup.seq_len, 1)):
+            # The backend of an inference forward, the pass GMACs count (train steps switch at fewer tokens).
+            if fused_wins(probe.expand(B, 1, 1, 1), probe.expand(B, 1, setup.seq_len, 1), training=False):
                 backend = "fused"
         count_backend = "sdpa" if backend == "xformers" else backend  # xformers runs the same two calls as sdpa
     params = sum(p.numel() for p in model.parameters())

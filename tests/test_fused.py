@@ -17,6 +17,16 @@ def random_inputs(B, H, M, N, d, masked, dtype=torch.float32):
     return t, mask
 
 
+@pytest.fixture
+def three_ranges(monkeypatch):
+    """Split even short inputs into three token ranges (pool threads), so every test also covers the merge."""
+    monkeypatch.setattr(fused, "_MIN_TOKENS_PER_THREAD", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
 def outputs_and_grads(inputs, mask, **kw):
     lat, tok = bidirectional_attention(*inputs, padding_mask=mask, **kw)
     g = torch.Generator().manual_seed(1)  # the same random cotangents for every backend
@@ -35,7 +45,7 @@ SHAPES = [(1, 1, 1, 1, 8, 4), (2, 3, 5, 17, 8, 4), (3, 2, 1, 33, 16, 8), (2, 6, 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("one_sided", [False, True])
-def test_fused_equals_math_outputs_and_gradients(shape, masked, one_sided, monkeypatch):
+def test_fused_equals_math_outputs_and_gradients(shape, masked, one_sided, monkeypatch, three_ranges):
     *dims, chunk = shape
     if chunk is not None:  # None: the cache-derived default
         monkeypatch.setattr(fused, "chunk_size", lambda *a, **k: chunk)
@@ -48,30 +58,49 @@ def test_fused_equals_math_outputs_and_gradients(shape, masked, one_sided, monke
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def strided_module_layout(B, H, M, N, d):
-    """r/v as the module makes them: heads split out of one fused projection (non-contiguous views)."""
-    from bixt.attention import _split_heads
-
-    rv_lat, rv_tok = torch.randn(B, M, 2 * H * d), torch.randn(B, N, 2 * H * d)
-    return [t.detach().requires_grad_() for t in (*_split_heads(rv_lat, 2, H), *_split_heads(rv_tok, 2, H))]
-
-
 @pytest.mark.parametrize("B", [1, 3])
-def test_fused_on_the_modules_strided_layout(B):
-    inputs = strided_module_layout(B, 3, 6, 50, 8)
-    mask = torch.zeros(B, 50, dtype=torch.bool)
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_on_the_modules_strided_layout(B, packed, three_ranges):
+    """r/v as the module makes them: heads split out of one projection per side (non-contiguous views). Given
+    that projection (packed_tok), the op returns its gradient whole; the gradients equal math's either way."""
+    from bixt.layers import split_heads
+
+    H, M, N, d = 3, 6, 50, 8
+    rv_lat, rv_tok = torch.randn(B, M, 2 * H * d, requires_grad=True), torch.randn(B, N, 2 * H * d, requires_grad=True)
+    mask = torch.zeros(B, N, dtype=torch.bool)
     mask[-1, 30:] = True
-    ref = outputs_and_grads(inputs, mask, backend="math")
-    got = fused_bidirectional_attention(*inputs, 8**-0.5, mask, chunk=16)
-    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
-    # Heads come back laid out token-major, so merging them for the output projection is a view.
-    assert got[1].transpose(1, 2).is_contiguous()
+    g_lat, g_tok = torch.randn(B, H, M, d), torch.randn(B, H, N, d)
+    results = []
+    for run in ("math", "fused"):
+        r_lat, v_lat = split_heads(rv_lat, 2, H)
+        r_tok, v_tok = split_heads(rv_tok, 2, H)
+        if run == "math":
+            lat, tok = bidirectional_attention(r_lat, v_lat, r_tok, v_tok, padding_mask=mask, backend="math")
+        else:
+            lat, tok = fused_bidirectional_attention(r_lat, v_lat, r_tok, v_tok, d**-0.5, mask, chunk=16,
+                                                     packed_tok=rv_tok if packed else None)
+            # Heads come back laid out token-major, so merging them for the output projection is a view.
+            assert tok.transpose(1, 2).is_contiguous()
+        results.append([lat, tok, *torch.autograd.grad((lat * g_lat).sum() + (tok * g_tok).sum(), (rv_lat, rv_tok))])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_tok_must_be_what_the_token_inputs_were_split_from():
+    from bixt.layers import split_heads
+
+    rv = torch.randn(1, 20, 2 * 2 * 4)
+    r_lat, v_lat = torch.randn(2, 1, 2, 3, 4).unbind(0)
+    r_tok, v_tok = split_heads(rv, 2, 2)
+    with pytest.raises(ValueError, match="packed_tok must be the tensor r_tok and v_tok were split from"):
+        fused_bidirectional_attention(r_lat, v_lat, r_tok, v_tok, 0.5, packed_tok=rv.clone())
+    with pytest.raises(ValueError, match="packed_tok must be"):
+        fused_bidirectional_attention(r_lat, v_lat, v_tok, r_tok, 0.5, packed_tok=rv)
 
 
 @pytest.mark.parametrize("one_sided", [False, True])
 @pytest.mark.parametrize("shared", [True, False])
-def test_gradcheck_float64(one_sided, shared, monkeypatch):
+def test_gradcheck_float64(one_sided, shared, monkeypatch, three_ranges):
     if not shared:  # force the per-latent-offset path (normally taken only for extreme similarities)
         monkeypatch.setattr(fused, "_TINY", float("inf"))
     (r_lat, v_lat, r_tok, v_tok), mask = random_inputs(2, 2, 3, 11, 4, True, torch.float64)
@@ -95,7 +124,7 @@ def float64_reference(r_lat, v_lat, r_tok, v_tok, mask, scale):
 
 
 @pytest.mark.parametrize("guard", [True, False])
-def test_extreme_similarities_fall_back_to_per_latent_offsets(guard, monkeypatch):
+def test_extreme_similarities_fall_back_to_per_latent_offsets(guard, monkeypatch, three_ranges):
     """One latent's similarities sit ~130 below the head's maximum: one shared exp would underflow to 0/0."""
     if not guard:
         monkeypatch.setattr(fused, "_TINY", 0.0)
@@ -152,8 +181,12 @@ def test_auto_picks_fused_for_long_inputs_but_never_with_dropout():
     with pytest.raises(ValueError, match="no attention dropout: use backend 'auto' or 'sdpa'"):
         bidirectional_attention(r_lat, v_lat, r_tok, v_tok, dropout_p=(0.1, 0.1), backend="fused")
     # The fused backend lays the token update out token-major: (B, H, N, d) over (B, N, H, d) memory.
-    for n, fused_expected in ((4096, True), (1024, False)):
-        _, tok = bidirectional_attention(r_lat, v_lat, r_tok[:, :, :n], v_tok[:, :, :n], backend="auto")
+    # With a backward pass to follow it wins from 4,096 tokens in the batch, for inference from 8,192.
+    r_long, v_long = (torch.cat([t, t], dim=2).detach() for t in (r_tok, v_tok))
+    for n, grad, fused_expected in ((4096, True, True), (1024, True, False), (4096, False, False),
+                                    (8192, False, True)):
+        with torch.set_grad_enabled(grad):
+            _, tok = bidirectional_attention(r_lat, v_lat, r_long[:, :, :n], v_long[:, :, :n], backend="auto")
         assert tok.transpose(1, 2).is_contiguous() == fused_expected
     attn = BiDirectionalCrossAttention(16, num_heads=2, attn_drop=0.5, backend="auto")
     lat, tok = torch.randn(1, 4, 16), torch.randn(1, 4096, 16)
@@ -165,37 +198,42 @@ def test_auto_picks_fused_for_long_inputs_but_never_with_dropout():
 
 
 def test_chunk_size_from_cache_and_override():
-    c = chunk_size(1, 6, 64, 32, cache=32 * 1024**2)
+    c = chunk_size(1, 6, 64, 32, cache=32 * 1024**2, threads=1)
     assert c % 64 == 0 and 256 <= c <= 16384
     assert 1 * 6 * c * (2 * 64 + 6 * 32) * 4 <= 16 * 1024**2  # half the cache
-    assert chunk_size(1, 6, 64, 32, cache=128 * 1024**2) > c  # bigger cache, bigger chunks
-    assert chunk_size(4, 6, 64, 32, cache=32 * 1024**2) < c  # more heads share the cache
+    assert chunk_size(1, 6, 64, 32, cache=32 * 1024**2, threads=2) == c // 2 // 64 * 64  # threads share it
+    assert chunk_size(1, 6, 64, 32, cache=128 * 1024**2, threads=1) > c  # bigger cache, bigger chunks
+    assert chunk_size(4, 6, 64, 32, cache=32 * 1024**2, threads=1) < c  # more heads share the cache
     with pytest.raises(ValueError, match="chunk must be a positive"):
         fused_bidirectional_attention(*random_inputs(1, 1, 2, 5, 4, False)[0], 0.5, chunk=-1)
     with pytest.raises(ValueError, match="padding_mask must be"):
         fused_bidirectional_attention(*random_inputs(1, 1, 2, 5, 4, False)[0], 0.5, torch.zeros(1, 4).bool())
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("B, H", [(1, 5), (3, 1), (1, 1)])
-def test_head_groups_threads_and_inference_mode(threads, B, H):
-    """Groups of heads (or batch entries when H = 1) run in pool threads; one thread runs inline. Results agree,
-    inference mode carries into the workers, and torch's thread count is restored."""
-    (r_lat, v_lat, r_tok, v_tok), mask = random_inputs(B, H, 6, 70, 8, True)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, H, N", [(1, 5, 70), (3, 1, 70), (1, 1, 10)])
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_token_ranges_threads_and_inference_mode(threads, B, H, N, one_sided, monkeypatch):
+    """Token ranges run in pool threads and the latents' partial sums are merged; one thread runs inline. Results
+    agree, inference mode carries into the workers, and torch's thread count is restored."""
+    monkeypatch.setattr(fused, "_MIN_TOKENS_PER_THREAD", 4)
+    (r_lat, v_lat, r_tok, v_tok), mask = random_inputs(B, H, 6, N, 8, True)
+    mask[-1, N // 2:] = True  # the last range of the last sample is all padding: its partial sums are empty
+    inputs = [r_lat, None if one_sided else v_lat, r_tok, v_tok]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert len(fused._head_groups(B, H, r_lat.device)) == (1 if threads == 1 or B == H == 1 else 2)
-        ref = outputs_and_grads([r_lat, v_lat, r_tok, v_tok], mask, backend="math")
-        got = outputs_and_grads([r_lat, v_lat, r_tok, v_tok], mask, backend="fused")
+        assert len(fused._token_ranges(N, r_lat.device)) == min(threads, N // 4)
+        ref = outputs_and_grads(inputs, mask, backend="math")
+        got = outputs_and_grads(inputs, mask, backend="fused")
         assert torch.get_num_threads() == threads
         with torch.inference_mode():
-            inf = bidirectional_attention(r_lat, v_lat, r_tok, v_tok, padding_mask=mask, backend="fused")
+            inf = bidirectional_attention(*inputs, padding_mask=mask, backend="fused")
     finally:
         torch.set_num_threads(before)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(inf[1], ref[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inf[0], ref[0], atol=1e-5, rtol=1e-5)
 
 
 def test_concurrent_callers_restore_the_thread_count():
@@ -253,3 +291,19 @@ def test_fvcore_counts_the_fused_op_like_the_math_backend(one_sided):
         assert not any(op.startswith("prim::PythonOp") for op in fl.unsupported_ops())
     assert counts["fused"] == counts["math"]
     assert fused_macs(2, 4, 6, 50, 8, not one_sided) == 2 * 4 * 6 * 50 * 8 * (2 if one_sided else 3)
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_fvcore_handle_on_separate_token_inputs(one_sided):
+    """The handle reads both call forms: r_tok and v_tok (here) or one packed projection (the module, above)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    class Core(torch.nn.Module):
+        def forward(self, r_lat, v_lat, r_tok, v_tok):
+            lat, tok = fused_bidirectional_attention(r_lat, None if one_sided else v_lat, r_tok, v_tok, 0.5)
+            return lat if one_sided else (lat, tok)
+
+    (r_lat, v_lat, r_tok, v_tok), _ = random_inputs(2, 3, 5, 40, 8, False)
+    fl = FlopCountAnalysis(Core(), (r_lat, v_lat, r_tok, v_tok)).tracer_warnings("none")
+    fl.unsupported_ops_warnings(False)
+    assert fl.set_op_handle(FVCORE_OP, fvcore_handle).total() == fused_macs(2, 3, 5, 40, 8, not one_sided)

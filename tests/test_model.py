@@ -167,7 +167,8 @@ def test_inference_chunks_per_token_branches_without_changing_results():
     """Without autograd, token MLPs run in place over cache-sized chunks (bixt.layers.TOKEN_CHUNK)."""
     from bixt.layers import TOKEN_CHUNK
 
-    model = BiXT(tiny_config(modality="points", seq_len=8)).eval()
+    # One backend for both runs: `auto` switches to fused at fewer tokens when autograd records.
+    model = BiXT(tiny_config(modality="points", seq_len=8)).eval().set_backend("sdpa")
     pts = torch.rand(2, 2 * TOKEN_CHUNK + 37, 3)
     before = pts.clone()
     with_grad_lat, with_grad_tok = model.forward_features(pts, return_tokens=True)
