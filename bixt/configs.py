@@ -151,6 +151,9 @@ MODEL_TABLE: dict[str, dict] = {
                     "depth": 4, "heads": 2, "num_classes": 10},
     "bixt_shapes": {"modality": "points", "in_chans": 3, "seq_len": 1024, "num_latents": 32, "dim": 64,
                     "depth": 4, "heads": 2, "num_classes": 10},
+    # ... and byte sequences (`listops`, `textfolder:PATH`): ids 0-255, 512 bytes by default.
+    "bixt_bytes": {"modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 512, "num_latents": 32,
+                   "dim": 64, "depth": 4, "heads": 2, "num_classes": 10},
 }
 CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in MODEL_TABLE.items()}
 

@@ -5,6 +5,11 @@
   imagefolder:PATH                PATH/train/<class>/*.jpg|png... and PATH/val/<class>/... (the ImageNet layout)
   cifar10:PATH, cifar100:PATH     the python-batches layout (cifar-10-batches-py/, cifar-100-python/)
   modelnet40:PATH                 the PointNet HDF5 files (*train*.h5, *test*.h5; needs h5py)
+  listops[:length=N,train=N,...]  procedural ListOps expressions (LRA's task, shorter), as bytes, generated here
+  textfolder:PATH                 PATH/train/<class>/<file> and PATH/test/<class>/... (or val/), read as bytes
+
+Sequences are bytes (ids 0-255) padded with byte 0 to a common length; `Data.pad_id` tells the training and
+evaluation loops to pass the padding as a mask, so padding changes no prediction.
 
 Every random choice (augmentation, shape generation) comes from a generator seeded by (seed, epoch, sample index),
 never from a shared stream: the data a sample sees is the same whatever the number of processes, the batch split
@@ -25,11 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from bixt.listops import MIN_LENGTH as LISTOPS_MIN_LENGTH
+from bixt.listops import make_expression
 from bixt.shapes import SHAPES, make_shape, random_rotation
 
 SPECS = ("digits", "shapes[:points=N,train=N,test=N,seed=N]", "imagefolder:PATH", "cifar10:PATH", "cifar100:PATH",
-         "modelnet40:PATH")
-_PATH_KINDS = ("imagefolder", "cifar10", "cifar100", "modelnet40")
+         "modelnet40:PATH", "listops[:length=N,train=N,test=N,depth=N,seed=N]", "textfolder:PATH")
+_PATH_KINDS = ("imagefolder", "cifar10", "cifar100", "modelnet40", "textfolder")
+PAD_ID = 0  # byte sequences are padded with byte 0 (NUL, absent from text), masked in the model
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_PCT = 0.875  # eval: resize the short side to size / 0.875, centre-crop `size` (as the authors evaluate)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -41,8 +49,10 @@ DEFAULT_MODELS = {
     "cifar10": ("bixt_ti_l64_p16s4", {"img_size": 32}),
     "cifar100": ("bixt_ti_l64_p16s4", {"img_size": 32}),
     "modelnet40": ("bixt_ti_l64_points", {}),
+    "listops": ("bixt_bytes", {}),
+    "textfolder": ("bixt_ti_l64_text", {}),
 }
-_AUG, _CLOUD = 0xA06, 0xC10D  # tags keeping the augmentation and the shape-generation streams apart
+_AUG, _CLOUD, _LISTOPS = 0xA06, 0xC10D, 0x1157  # tags keeping the random streams apart
 
 
 def sample_rng(*key: int) -> np.random.Generator:
@@ -61,7 +71,10 @@ class DataSpec:
         return self.kind + (":" + ",".join(f"{k}={v}" for k, v in self.options.items()) if self.options else "")
 
 
-_SHAPES_OPTIONS = {"points": 1024, "train": 4000, "test": 1000, "seed": 0}
+_OPTIONS = {  # defaults of the generated data sets' options
+    "shapes": {"points": 1024, "train": 4000, "test": 1000, "seed": 0},
+    "listops": {"length": 512, "train": 10000, "test": 2000, "depth": 4, "seed": 0},
+}
 
 
 def parse_spec(spec: str) -> DataSpec:
@@ -70,17 +83,18 @@ def parse_spec(spec: str) -> DataSpec:
     kind = kind.strip().lower()
     if kind == "digits" and not rest:
         return DataSpec("digits")
-    if kind == "shapes":
-        options = {}
+    if kind in _OPTIONS:
+        options, usage = {}, ",".join(f"{k}=N" for k in _OPTIONS[kind])
         for item in filter(None, rest.split(",")):
             key, _, value = item.partition("=")
-            if key not in _SHAPES_OPTIONS or not re.fullmatch(r"\d+", value):
-                raise ValueError(f"bad shapes option {item!r}: use shapes:points=N,train=N,test=N,seed=N "
-                                 "with non-negative integers")
+            if key not in _OPTIONS[kind] or not re.fullmatch(r"\d+", value):
+                raise ValueError(f"bad {kind} option {item!r}: use {kind}:{usage} with non-negative integers")
             options[key] = int(value)
-        if options.get("points", 1) < 1 or options.get("train", 1) < 1 or options.get("test", 1) < 1:
-            raise ValueError("shapes needs points, train and test >= 1")
-        return DataSpec("shapes", options=options)
+        for key, value in options.items():
+            least = {"seed": 0, "length": LISTOPS_MIN_LENGTH}.get(key, 1)
+            if value < least:
+                raise ValueError(f"{kind} needs {key} >= {least}, got {value}")
+        return DataSpec(kind, options=options)
     if kind in _PATH_KINDS:
         if not rest:
             raise ValueError(f"--data {kind} needs a path: use {kind}:PATH")
@@ -245,6 +259,23 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _split_folders(root: Path, held_out: tuple[str, ...], what: str,
+                   need_train: bool) -> tuple[Path | None, Path, list[str]]:
+    """root/train/<class>/ and root/<held_out>/<class>/ (the first of `held_out` that exists): (the train folder,
+    or None when not needed, the held-out folder, the classes), the class folders checked to match."""
+    layout = f"train/<class>/ and {' or '.join(held_out)}/<class>/ subfolders of {what}"
+    root = _require_dir(root, f"a folder with {layout}")
+    test = _require_dir(next((root / n for n in held_out if (root / n).is_dir()), root / held_out[0]),
+                        f"{layout} in {root}")
+    classes = _class_dirs(test)
+    if not need_train:
+        return None, test, classes
+    train = _require_dir(root / "train", f"{layout} in {root}")
+    if _class_dirs(train) != classes:
+        raise ValueError(f"{train} and {test} hold different class folders: give both the same classes")
+    return train, test, classes
+
+
 def _image_files(root: Path, classes: list[str], what: str) -> tuple[list[Path], list[int]]:
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -336,23 +367,62 @@ def _modelnet_arrays(files: list[Path], points: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
+# ----------------------------------------------------------------------------------------------------- bytes
+def _ids(x: Tensor) -> Tensor:
+    return x.long()  # stored as uint8, embedded as int64 ids
+
+
+def _byte_rows(texts: list[bytes], length: int) -> Tensor:
+    """Byte strings as one (n, length) uint8 tensor: cut to `length`, padded with PAD_ID."""
+    rows = np.full((len(texts), length), PAD_ID, dtype=np.uint8)
+    for row, text in zip(rows, texts, strict=True):
+        row[: min(len(text), length)] = np.frombuffer(text[:length], dtype=np.uint8)
+    return torch.from_numpy(rows)
+
+
+def _listops_split(size: int, length: int, depth: int, data_seed: int, split: int) -> TensorSplit:
+    texts, labels = [], []
+    for i in range(size):
+        text, value = make_expression(sample_rng(_LISTOPS, data_seed, split, i), depth, length)
+        texts.append(text.encode("ascii"))
+        labels.append(value)
+    return TensorSplit(_byte_rows(texts, length), torch.tensor(labels), transform=_ids)
+
+
+def _text_files(root: Path, classes: list[str], length: int) -> tuple[Tensor, Tensor]:
+    texts, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith(".")):
+            text = path.read_bytes()[:length]
+            if not text.strip(bytes([PAD_ID])):
+                raise ValueError(f"{path} is empty (or all NUL bytes, which are padding): remove it")
+            texts.append(text)
+            labels.append(label)
+    if not texts:
+        raise ValueError(f"no files found in the class folders of {root}: expected <class>/<text file>")
+    return _byte_rows(texts, length), torch.tensor(labels)
+
+
 # ----------------------------------------------------------------------------------------------------- build
 @dataclass
 class Data:
     """A data set ready to train or evaluate on: two splits (train may be None) and what a model needs to know."""
 
     name: str
-    modality: str  # image | points
+    modality: str  # image | points | sequence
     num_classes: int
-    in_chans: int
+    in_chans: int  # 0: integer ids
     train: Dataset | None
     test: Dataset
     classes: list[str]
     workers: int = 0  # DataLoader workers worth using (decoding files); in-memory sets need none
+    vocab_size: int = 0  # sequences of ids: how many there are
+    pad_id: int | None = None  # sequences of ids: the id that pads them, to be passed to the model as a mask
 
     @property
     def input_overrides(self) -> dict:
-        return {"num_classes": self.num_classes, "in_chans": self.in_chans}
+        ids = {"vocab_size": self.vocab_size} if self.vocab_size else {}
+        return {"num_classes": self.num_classes, "in_chans": self.in_chans, **ids}
 
 
 def _resize(x: Tensor, size: int | None) -> Tensor:
@@ -367,9 +437,10 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def build_data(spec: str | DataSpec, *, img_size: int | None = None, points: int | None = None, seed: int = 0,
-               augment: bool = True, need_train: bool = True) -> Data:
-    """Load or generate the data of `spec`, sized for a model: images resized to `img_size`, `points` per cloud.
+def build_data(spec: str | DataSpec, *, img_size: int | None = None, points: int | None = None,
+               seq_len: int | None = None, seed: int = 0, augment: bool = True, need_train: bool = True) -> Data:
+    """Load or generate the data of `spec`, sized for a model: images resized to `img_size`, `points` per cloud,
+    text files cut to `seq_len` bytes (ListOps has its own `length` option).
 
     `seed` drives the training augmentation; the data themselves (split, generated shapes) do not depend on it.
     """
@@ -389,21 +460,16 @@ def build_data(spec: str | DataSpec, *, img_size: int | None = None, points: int
         return Data("digits", "image", 10, 1, TensorSplit(x[tr], y[tr], aug, norm, seed),
                     TensorSplit(x[te], y[te], None, norm), [str(i) for i in range(10)])
     if kind == "shapes":
-        opts = {**_SHAPES_OPTIONS, "points": points or _SHAPES_OPTIONS["points"], **spec.options}
+        opts = {**_OPTIONS["shapes"], "points": points or _OPTIONS["shapes"]["points"], **spec.options}
         aug = PointAugment(rotate=True, scale=(0.9, 1.1), jitter=0.005) if augment else None
         return Data("shapes", "points", len(SHAPES), 3,
                     ShapesSplit(opts["train"], opts["points"], opts["seed"], 0, aug, seed),
                     ShapesSplit(opts["test"], opts["points"], opts["seed"], 1), list(SHAPES))
     if kind == "imagefolder":
-        root = _require_dir(spec.path, "an image folder with train/<class>/ and val/<class>/ subfolders")
-        val = _require_dir(root / "val", f"val/<class>/ image subfolders in {root}")
-        classes = _class_dirs(val)
+        tdir, val, classes = _split_folders(spec.path, ("val",), "images", need_train)
         size = img_size or 224
         train = None
-        if need_train:
-            tdir = _require_dir(root / "train", f"train/<class>/ image subfolders in {root}")
-            if _class_dirs(tdir) != classes:
-                raise ValueError(f"{tdir} and {val} hold different class folders: give both the same classes")
+        if tdir is not None:
             train = ImageFolderSplit(*_image_files(tdir, classes, "train/<class>/<image>"), size, augment, seed)
         test = ImageFolderSplit(*_image_files(val, classes, "val/<class>/<image>"), size, False)
         return Data("imagefolder", "image", len(classes), 3, train, test, classes, workers=min(8, _cpus()))
@@ -439,6 +505,18 @@ def build_data(spec: str | DataSpec, *, img_size: int | None = None, points: int
         if top >= len(classes):
             raise ValueError(f"{root} has label {top} but {len(classes)} class names: fix shape_names.txt")
         return Data("modelnet40", "points", len(classes), 3, train, test, classes)
+    if kind == "listops":
+        o = {**_OPTIONS["listops"], **spec.options}
+        train = _listops_split(o["train"], o["length"], o["depth"], o["seed"], 0) if need_train else None
+        test = _listops_split(o["test"], o["length"], o["depth"], o["seed"], 1)
+        return Data("listops", "sequence", 10, 0, train, test, [str(i) for i in range(10)], vocab_size=256,
+                    pad_id=PAD_ID)
+    if kind == "textfolder":
+        tdir, held_out, classes = _split_folders(spec.path, ("test", "val"), "text files", need_train)
+        length = seq_len or 4096
+        train = None if tdir is None else TensorSplit(*_text_files(tdir, classes, length), transform=_ids)
+        test = TensorSplit(*_text_files(held_out, classes, length), transform=_ids)
+        return Data("textfolder", "sequence", len(classes), 0, train, test, classes, vocab_size=256, pad_id=PAD_ID)
     raise ValueError(f"unknown data kind {kind!r}: use one of {', '.join(SPECS)}")
 
 

@@ -7,7 +7,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from bixt.distributed import Dist, all_sum
@@ -70,8 +70,13 @@ def loader(dataset: Dataset, batches: list[list[int]], workers: int, device: tor
                       generator=torch.Generator().manual_seed(0))
 
 
+def predict(model: nn.Module, x: Tensor, pad_id: int | None = None) -> Tensor:
+    """model(x); for sequences of ids padded with `pad_id`, with the padding passed as the model's mask."""
+    return model(x) if pad_id is None else model(x, padding_mask=x == pad_id)
+
+
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, amp_dtype: torch.dtype | None = None,
-             workers: int = 0) -> dict:
+             workers: int = 0, pad_id: int | None = None) -> dict:
     """Top-1, top-5 (top-k for k = min(5, classes)), mean cross-entropy and samples/s over the whole split.
 
     Each process takes every world-th sample (no padding), and the sums are reduced, so the numbers are exact.
@@ -85,7 +90,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, am
     with torch.no_grad(), autocast:
         for x, y in loader(dataset, batches, workers, d.device):
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            logits = model(x).float()
+            logits = predict(model, x, pad_id).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top == y[:, None]
             sums[0] += F.cross_entropy(logits, y, reduction="sum").item()

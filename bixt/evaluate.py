@@ -82,7 +82,8 @@ def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: 
     load_weights(net, entry.family, weights)
     d = Dist(device=resolve_device(device))
     net.to(d.device)
-    result = evaluate(net, ds.test, batch_size, d, workers=ds.workers if workers is None else workers)
+    result = evaluate(net, ds.test, batch_size, d, workers=ds.workers if workers is None else workers,
+                      pad_id=ds.pad_id)
     return {"model": model, "data": str(data), "checkpoint": str(weights), **result}
 
 

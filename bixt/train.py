@@ -29,7 +29,7 @@ from bixt import distributed as dist_
 from bixt import rundir
 from bixt.data import DEFAULT_MODELS, build_data, parse_spec
 from bixt.distributed import Dist
-from bixt.engine import build_optimizer, build_scheduler, epoch_batches, evaluate, loader, steps_per_epoch
+from bixt.engine import build_optimizer, build_scheduler, epoch_batches, evaluate, loader, predict, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,7 @@ def build_for_data(name: str, model_args: dict, data_spec: str, *, seed: int = 0
     spec = parse_spec(data_spec)
     data = build_data(spec, img_size=getattr(mcfg, "img_size", None) if modality == "image" else None,
                       points=getattr(mcfg, "seq_len", None) if modality == "points" else None,
+                      seq_len=getattr(mcfg, "seq_len", None) if modality == "sequence" else None,
                       seed=seed, augment=augment, need_train=need_train)
     if data.modality != modality:
         raise ValueError(f"{name} takes {modality} inputs but --data {spec} gives {data.modality}: choose a model "
@@ -211,6 +212,9 @@ def build_for_data(name: str, model_args: dict, data_spec: str, *, seed: int = 0
                              "evaluate on data with at most that many classes")
         if chans != data.in_chans:
             raise ValueError(f"{name} takes {chans} input channels but {spec} gives {data.in_chans}")
+        if getattr(mcfg, "vocab_size", 0) < data.vocab_size:
+            raise ValueError(f"{name} embeds {getattr(mcfg, 'vocab_size', 0)} ids but {spec} uses "
+                             f"{data.vocab_size}: evaluate a model trained on such data")
     return model_config(name, **model_args), data, model_args
 
 
@@ -407,7 +411,7 @@ def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step) -> Train
             for x, y in loader(data.train, batches, workers, d.device):
                 x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
                 with autocast():
-                    logits = net(x)
+                    logits = predict(net, x, data.pad_id)
                     loss = criterion(logits.float(), y)
                 value = loss.item()
                 total = dist_.all_sum(d, [value * len(y), (logits.argmax(1) == y).sum().item(), len(y),
@@ -443,7 +447,7 @@ def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step) -> Train
                 save(epoch, step)
                 break
             test = evaluate(model, data.test, max(1, 2 * cfg.batch_size // d.world), d, amp_dtype=amp_dtype,
-                            workers=workers)
+                            workers=workers, pad_id=data.pad_id)
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds
             row = {"epoch": epoch + 1, "train_loss": sums[0] / sums[2], "train_acc": sums[1] / sums[2],

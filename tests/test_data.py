@@ -26,7 +26,7 @@ def test_parse_spec():
     assert parse_spec("cifar10:x").kind == "cifar10"
     for bad, message in [("mnist", "unknown data spec 'mnist'"), ("cifar10", "needs a path"),
                          ("shapes:points=x", "bad shapes option"), ("shapes:colour=3", "bad shapes option"),
-                         ("shapes:points=0", "points, train and test >= 1"), ("digits:extra", "unknown data spec")]:
+                         ("shapes:points=0", "shapes needs points >= 1, got 0"), ("digits:extra", "unknown data spec")]:
         with pytest.raises(ValueError, match=message):
             parse_spec(bad)
 
@@ -131,7 +131,7 @@ def test_imagefolder_eval_transform_and_errors(tmp_path):
     x, label = data.train[1]  # random-resized crop of the 300 x 200 image: any crop of a flat colour
     assert x.shape == (3, 224, 224) and label == 1
     assert torch.equal(data.train[1][0], x)  # same (seed, epoch, index), same crop
-    with pytest.raises(FileNotFoundError, match="expected an image folder"):
+    with pytest.raises(FileNotFoundError, match="expected a folder with train/<class>/ and val/<class>/ subfolders of images"):
         build_data(f"imagefolder:{tmp_path / 'nope'}")
     _png(tmp_path / "train" / "eel" / "c.png", (10, 10), (0, 0, 0))
     with pytest.raises(ValueError, match="different class folders"):

@@ -206,6 +206,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("vit_ti_points", {"dim": 32, "depth": 1, "heads": 2}, "shapes:points=32,train=32,test=16"),
     ("perceiver_ti_points", {"dim": 32, "num_latents": 8, "num_blocks": 1, "self_per_block": 1, "heads": 2},
      "shapes:points=32,train=32,test=16"),
+    ("bixt_bytes", {"dim": 32, "depth": 1}, "listops:length=48,train=32,test=16,depth=2"),
+    ("vit_ti_text", {"dim": 32, "depth": 1, "heads": 2}, "listops:length=48,train=32,test=16,depth=2"),
+    ("perceiver_ti_text", {"dim": 32, "num_latents": 8, "num_blocks": 1, "self_per_block": 1, "heads": 2},
+     "listops:length=48,train=32,test=16,depth=2"),
 ])
 def test_every_family_trains(name, args, data, tmp_path):
     if name not in bixt.list_models():
