@@ -144,9 +144,11 @@ def prepare(setup: Setup) -> Prepared:
     return Prepared(setup, entry.family, cfg, backend, count_backend, params)
 
 
-def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = None) -> int:
-    """The token count to profile at: --seq-len, or --img-size for an image model, or the model's default input."""
-    cfg = get_entry(model).config
+def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = None,
+               overrides: dict | None = None) -> int:
+    """The token count to profile at: --seq-len, or --img-size for an image model, or the model's default input
+    (of its config with `overrides`)."""
+    cfg = resolve_config(model, **(overrides or {}))
     if img_size is None:
         return cfg.default_tokens if seq_len is None else seq_len
     if cfg.modality != "image":

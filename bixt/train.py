@@ -161,7 +161,10 @@ def resolve_config(options: dict | None = None, config_file: str | Path | None =
     unknown = sorted(set(options) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid are {', '.join(FIELDS)}")
-    given = {**(read_config_file(config_file) if config_file else {}), **options}
+    from_file = read_config_file(config_file) if config_file else {}
+    given = {**from_file, **options}
+    if "model_args" in from_file and "model_args" in options:  # the command line's model_args add to the file's
+        given["model_args"] = {**from_file["model_args"], **options["model_args"]}
     if resume is None:
         return TrainConfig(**given)
     run = find_run(resume)

@@ -31,6 +31,25 @@ def user_errors(fn):
     return wrapper
 
 
+def parse_model_args(items: list[str] | None) -> dict:
+    """--model-arg KEY=VALUE items -> {key: value}; values read as YAML scalars (64, 0.1, true, sdpa)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-arg needs KEY=VALUE (a field of the model's config, e.g. depth=4), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+MODEL_ARG_HELP = "Override a field of the model's config, KEY=VALUE (repeatable; e.g. --model-arg depth=4)."
+
+
 @app.callback()
 def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)):
     """BiXT: the Bi-Directional Cross-Attention Transformer, and the tools to check its claims."""

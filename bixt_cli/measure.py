@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperCommand
 
-from bixt_cli.app import app, console, user_errors
+from bixt_cli.app import MODEL_ARG_HELP, app, console, parse_model_args, user_errors
 
 LIST_OPTIONS = ("--models", "--baselines", "--seq-lens")
 
@@ -92,11 +92,14 @@ def profile(
     backend: str = typer.Option(None, help="Attention backend (math, sdpa, xformers, auto...); default: the model's."),
     quick: bool = typer.Option(False, help="Shorter warm-up and timing (noisier)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", metavar="KEY=VALUE", help=MODEL_ARG_HELP),
 ):
     """Parameters, GMACs (fvcore and closed form), peak memory and throughput of one model at one input size."""
     from bixt.profile import DEFAULT_PLAN, QUICK_PLAN, Setup, profile, tokens_for
 
-    setup = Setup(model, tokens_for(model, seq_len, img_size), batch_size, device, dtype, backend)
+    overrides = parse_model_args(model_arg)
+    setup = Setup(model, tokens_for(model, seq_len, img_size, overrides), batch_size, device, dtype, backend,
+                  tuple(overrides.items()))
     report = profile(setup, parse_modes(mode), QUICK_PLAN if quick else DEFAULT_PLAN)
     if as_json:
         json.dump(report, sys.stdout)

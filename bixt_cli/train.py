@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bixt_cli.app import app, console, err_console, user_errors
+from bixt_cli.app import MODEL_ARG_HELP, app, console, err_console, parse_model_args, user_errors
 
 
 @app.command("train")
@@ -30,13 +30,15 @@ def train_command(
                                 help="Continue a run (its folder, or a checkpoint in it) exactly where it stopped."),
     config: Path = typer.Option(None, "--config", help="TOML or YAML file with any of these options (and "
                                                        "model_args: overrides of the model's config)."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", metavar="KEY=VALUE", help=MODEL_ARG_HELP),
 ):
     """Train a model; every epoch writes metrics.csv, curves.png and checkpoints to the run folder."""
     from bixt.train import TrainingDiverged, train
 
     options = {"model": model, "data": data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "amp": amp, "device": device,
-               "seed": seed, "out": None if out is None else str(out)}
+               "seed": seed, "out": None if out is None else str(out),
+               "model_args": parse_model_args(model_arg) or None}
     try:
         result = train(options, config_file=config, resume=resume, console=err_console)
     except TrainingDiverged as e:

@@ -131,7 +131,7 @@ def test_imagefolder_eval_transform_and_errors(tmp_path):
     x, label = data.train[1]  # random-resized crop of the 300 x 200 image: any crop of a flat colour
     assert x.shape == (3, 224, 224) and label == 1
     assert torch.equal(data.train[1][0], x)  # same (seed, epoch, index), same crop
-    with pytest.raises(FileNotFoundError, match="expected a folder with train/<class>/ and val/<class>/ subfolders of images"):
+    with pytest.raises(FileNotFoundError, match="expected a folder with train/<class>/ and val/<class>/ subfolders"):
         build_data(f"imagefolder:{tmp_path / 'nope'}")
     _png(tmp_path / "train" / "eel" / "c.png", (10, 10), (0, 0, 0))
     with pytest.raises(ValueError, match="different class folders"):

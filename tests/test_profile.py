@@ -258,7 +258,19 @@ def test_profile_cli_json(one_thread):
     assert report["gmacs"] == pytest.approx(report["gmacs_analytic"], rel=1e-6)
 
 
+def test_profile_cli_model_args_change_the_model_and_its_token_grid(one_thread):
+    args = ["profile", "--model", "bixt_ti_l64_p16", "--img-size", "64", "--mode", "infer", "--quick", "--json"]
+    plain = json.loads(runner.invoke(app, args).stdout)
+    result = runner.invoke(app, [*args, "--model-arg", "stride=8", "--model-arg", "depth=2"])
+    assert result.exit_code == 0, result.output
+    small = json.loads(result.stdout)
+    assert (plain["seq_len"], small["seq_len"]) == (16, 64)  # the overridden stride sets the grid
+    assert small["param_count"] < plain["param_count"] and small["infer_status"] == "ok"
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--model-arg", "depth"], "--model-arg needs KEY=VALUE"),
+    (["--model-arg", "colour=3"], "has no option colour"),
     (["--seq-len", "200"], "use 196 or 225"),
     (["--seq-len", "0"], "must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),

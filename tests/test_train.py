@@ -59,6 +59,17 @@ def reference(tmp_path_factory) -> Path:
     return run
 
 
+def test_model_args_from_the_command_line_add_to_the_config_files(tmp_path):
+    from bixt_cli.app import parse_model_args
+
+    assert parse_model_args(["depth=4", "attn_backend=sdpa", "drop_path_rate=0.1", "layerscale=null"]) == {
+        "depth": 4, "attn_backend": "sdpa", "drop_path_rate": 0.1, "layerscale": None}
+    yml = tmp_path / "c.yaml"
+    yml.write_text("model_args: {depth: 3, dim: 48}\n")
+    cfg = resolve_config({"model_args": {"dim": 32, "heads": 2}}, config_file=yml)
+    assert cfg.model_args == {"depth": 3, "dim": 32, "heads": 2}
+
+
 def test_config_files_and_precedence(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('epochs = 7\nbatch-size = 32\nlr = 1\n[model_args]\ndim = 48\n')
@@ -303,6 +314,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_loses_nothing(reference, tmp_path)
         (["train", "--out", str(taken)], "already exists and is not empty"),
         (["train", "--config", str(bad_toml)], "is not valid TOML"),
         (["train", "--config", str(tmp_path / "none.yaml")], "does not exist"),
+        (["train", "--model-arg", "=4"], "--model-arg needs KEY=VALUE"),
+        (["train", "--model-arg", "heads_count=3"], "has no option heads_count"),
         (["train", "--resume", str(evil_run)], "was refused, not unpickled"),
         (["train", "--resume", str(reference), "--lr", "0.5"], "lr differ(s)"),
         (["train", "--resume", str(tmp_path / "nowhere")], "does not exist"),
