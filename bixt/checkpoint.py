@@ -68,6 +68,30 @@ def bixt_to_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_rename(k, _TO_OFFICIAL): v for k, v in state.items()}
 
 
+def is_timm_vit_layout(state: Mapping[str, Tensor]) -> bool:
+    """timm's VisionTransformer keys (DeiT's released checkpoints among them)."""
+    return {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= state.keys()
+
+
+def timm_vit_to_ours(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """timm's class-token ViT (e.g. deit_tiny_patch16_224) -> `baselines.vit`: the position table is split into the
+    class token's entry and the patch grid's, the patch embedding moves under the tokenizer; blocks, norm and head
+    keep their names (the same fused qkv layout: parts, heads, head_dim)."""
+    other = [k for k in ("dist_token", "reg_token", "head_dist.weight", "fc_norm.weight") if k in state]
+    if other:
+        raise ValueError(f"this timm ViT has {', '.join(other)}: only the plain class-token ViT maps onto vit_* "
+                         "(e.g. deit_tiny_patch16_224, not the distilled or register variants)")
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed":
+            out["cls_pos"], out["tokenizer.pos_embed.weight"] = value[:, :1], value[:, 1:]
+        elif key.startswith("patch_embed.proj."):
+            out["tokenizer.proj." + key.rsplit(".", 1)[1]] = value
+        else:
+            out[key] = value
+    return out
+
+
 def refusal(e: pickle.UnpicklingError) -> str:
     """The line of torch's weights_only refusal that names the refused global (the rest is boilerplate)."""
     lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]

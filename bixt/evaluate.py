@@ -34,16 +34,18 @@ def find_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
 
 
 def load_weights(model: torch.nn.Module, family: str, weights: Path) -> None:
-    """BiXT: this project's or the authors' layout (with a hint at the fitting model on a mismatch); other
-    families: this project's layout, strictly."""
+    """BiXT: this project's or the authors' layout (with a hint at the fitting model on a mismatch); ViT: also
+    timm's (DeiT's released weights); other families: this project's layout. Strict."""
     if family == "bixt":
         from bixt.checkpoint import load_checkpoint
 
         load_checkpoint(model, weights)
         return
-    from bixt.checkpoint import read_state_dict
+    from bixt.checkpoint import is_timm_vit_layout, read_state_dict, timm_vit_to_ours
 
     state = read_state_dict(weights)
+    if family == "vit" and is_timm_vit_layout(state):
+        state = timm_vit_to_ours(state)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -251,3 +251,57 @@ def test_models_command_shows_the_families():
 def test_invalid_input_raises_value_error_naming_the_fix(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def timm_vit_reference(sd: dict, x: torch.Tensor, depth: int, heads: int, patch: int) -> torch.Tensor:
+    """timm's VisionTransformer forward (class token, pre-norm blocks, LayerNorm eps 1e-6, exact GELU, head on the
+    normed class token) written out with torch.nn.functional on a timm-layout state dict: an independent path."""
+    import torch.nn.functional as F
+
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    t = torch.cat([sd["cls_token"].expand(len(x), -1, -1), t], dim=1) + sd["pos_embed"]
+    B, N, D = t.shape
+
+    def ln(v, name):
+        return F.layer_norm(v, (D,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)
+
+    def lin(v, name):
+        return F.linear(v, sd[name + ".weight"], sd[name + ".bias"])
+
+    for i in range(depth):
+        p = f"blocks.{i}."
+        q, k, v = lin(ln(t, p + "norm1"), p + "attn.qkv").reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * (D // heads) ** -0.5).softmax(-1) @ v
+        t = t + lin(a.transpose(1, 2).reshape(B, N, D), p + "attn.proj")
+        t = t + lin(F.gelu(lin(ln(t, p + "norm2"), p + "mlp.fc1")), p + "mlp.fc2")
+    return lin(ln(t, "norm")[:, 0], "head")
+
+
+def test_timm_vit_weights_load_and_compute_what_timm_computes(tmp_path):
+    """A timm-layout checkpoint (random weights, DeiT's {'model': ...} wrapper) through `bixt eval`'s loader gives
+    the logits of timm's forward written out independently; distilled DeiT is refused with a clear error."""
+    from bixt.checkpoint import save_weights
+    from bixt.evaluate import load_weights
+
+    depth, heads, D, patch, img, classes = 2, 2, 32, 8, 32, 7
+    g = torch.Generator().manual_seed(0)
+    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + (img // patch) ** 2, D),
+              "patch_embed.proj.weight": (D, 3, patch, patch), "patch_embed.proj.bias": (D,),
+              "norm.weight": (D,), "norm.bias": (D,), "head.weight": (classes, D), "head.bias": (classes,)}
+    for i in range(depth):
+        for name, shape in {"norm1": (D,), "norm2": (D,), "attn.qkv": (3 * D, D), "attn.proj": (D, D),
+                            "mlp.fc1": (4 * D, D), "mlp.fc2": (D, 4 * D)}.items():
+            shapes[f"blocks.{i}.{name}.weight"] = shape
+            shapes[f"blocks.{i}.{name}.bias"] = (shape[0],)
+    sd = {k: torch.randn(s, generator=g) * 0.2 for k, s in shapes.items()}
+    path = tmp_path / "deit.pth"
+    torch.save({"model": sd, "epoch": 299}, path)
+    model = create_model("vit_ti_p16", img_size=img, patch_size=patch, stride=patch, dim=D, depth=depth,
+                         heads=heads, num_classes=classes).eval()
+    load_weights(model, "vit", path)
+    x = torch.randn(2, 3, img, img, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), timm_vit_reference(sd, x, depth, heads, patch), atol=1e-5, rtol=1e-5)
+    save_weights({**sd, "dist_token": sd["cls_token"].clone()}, tmp_path / "distilled.safetensors")
+    with pytest.raises(ValueError, match="dist_token: only the plain class-token ViT"):
+        load_weights(model, "vit", tmp_path / "distilled.safetensors")
