@@ -276,16 +276,21 @@ def _split_folders(root: Path, held_out: tuple[str, ...], what: str,
     return train, test, classes
 
 
-def _image_files(root: Path, classes: list[str], what: str) -> tuple[list[Path], list[int]]:
+def _class_files(root: Path, classes: list[str], accept, kind: str, what: str) -> tuple[list[Path], list[int]]:
+    """The files under root/<class>/ that `accept`, sorted per class, with their class indices."""
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in (root / name).rglob("*") if accept(p))
         files += found
         labels += [label] * len(found)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in the class folders of {root}: "
-                         f"expected {what}")
+        raise ValueError(f"no {kind} found in the class folders of {root}: expected {what}")
     return files, labels
+
+
+def _image_files(root: Path, classes: list[str], what: str) -> tuple[list[Path], list[int]]:
+    return _class_files(root, classes, lambda p: p.suffix.lower() in IMAGE_SUFFIXES,
+                        f"images ({', '.join(IMAGE_SUFFIXES)})", what)
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -390,16 +395,12 @@ def _listops_split(size: int, length: int, depth: int, data_seed: int, split: in
 
 
 def _text_files(root: Path, classes: list[str], length: int) -> tuple[Tensor, Tensor]:
-    texts, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith(".")):
-            text = path.read_bytes()[:length]
-            if not text.strip(bytes([PAD_ID])):
-                raise ValueError(f"{path} is empty (or all NUL bytes, which are padding): remove it")
-            texts.append(text)
-            labels.append(label)
-    if not texts:
-        raise ValueError(f"no files found in the class folders of {root}: expected <class>/<text file>")
+    files, labels = _class_files(root, classes, lambda p: p.is_file() and not p.name.startswith("."), "files",
+                                 "<class>/<text file>")
+    texts = [path.read_bytes()[:length] for path in files]
+    for path, text in zip(files, texts, strict=True):
+        if not text.strip(bytes([PAD_ID])):
+            raise ValueError(f"{path} is empty (or all NUL bytes, which are padding): remove it")
     return _byte_rows(texts, length), torch.tensor(labels)
 
 

@@ -18,6 +18,13 @@ def fixture_names() -> list[str]:
     return names
 
 
+def assert_one_line_error(result, message: str) -> None:
+    """A CLI run refused bad input as the project promises: exit 2, one line naming `message`, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def tiny_config(**overrides):
     """A BiXT small enough for unit tests (2 layers, dim 32, 8 latents)."""
     from bixt import BiXTConfig

@@ -2,7 +2,7 @@
 import json
 import re
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error
 from typer.testing import CliRunner
 
 from bixt_cli.main import app
@@ -33,10 +33,7 @@ def test_help_lists_commands():
 def test_bad_input_is_one_line_exit_2():
     for args, message in [(["models", "--family", "nope"], "unknown family 'nope'"),
                           (["models", "--filter", "zzz*"], "no model matches 'zzz*'")]:
-        result = runner.invoke(app, args)
-        assert result.exit_code == 2
-        assert message in result.output
-        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert_one_line_error(runner.invoke(app, args), message)
 
 
 def readme_commands() -> list[str]:

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error
 from torch import nn
 from typer.testing import CliRunner
 
@@ -281,10 +282,7 @@ def test_profile_cli_model_args_change_the_model_and_its_token_grid(one_thread):
 ])
 def test_profile_cli_errors_are_one_line(args, message, monkeypatch):
     base = [] if "--model" in args else ["--model", "bixt_ti_l64_p16"]
-    result = runner.invoke(app, ["profile", *base, *args])
-    assert result.exit_code == 2, result.output
-    assert message in result.output and "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert_one_line_error(runner.invoke(app, ["profile", *base, *args]), message)
 
 
 def test_profile_cli_cuda_without_cuda(monkeypatch):

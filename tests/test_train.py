@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error
 from typer.testing import CliRunner
 
 import bixt
@@ -281,13 +281,6 @@ class _Evil:
         return os.system, (f"touch {self.sentinel}",)
 
 
-def _one_line_exit_2(args, message):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, (args, result.output)
-    assert message in result.output, (args, result.output)
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
-
-
 def test_cli_bad_input_is_one_line_exit_2_and_loses_nothing(reference, tmp_path):
     evil = _Evil()
     evil.sentinel = tmp_path / "pwned"
@@ -331,7 +324,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_loses_nothing(reference, tmp_path)
         cases += [(["train", "--device", "cuda"], "sees no CUDA device"), (["train", "--amp"], "CUDA only")]
     before = {p: p.stat().st_mtime_ns for p in reference.iterdir()}
     for args, message in cases:
-        _one_line_exit_2(args, message)
+        assert_one_line_error(runner.invoke(app, args), message)
     assert not evil.sentinel.exists()  # the malicious pickles ran nothing
     assert (taken / "precious.txt").read_text() == "keep me" and len(list(taken.iterdir())) == 1
     assert before == {p: p.stat().st_mtime_ns for p in reference.iterdir()}  # the refused resume touched nothing
