@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bixt.configs import ModelConfig
-from bixt.layers import check_padding_mask, layer_norm
-from bixt.model import BiXT, CrossBlock, LatentBlock
-from bixt.posenc import fourier_features
-from bixt.tokenizers import ImageTokenizer, build_tokenizer, check_image, check_patch_geometry
+from bixt.models.base import LatentModel, jax_init_
+from bixt.models.blocks import CrossBlock, LatentBlock
+from bixt.models.config import ModelConfig
+from bixt.models.registry import register_family
+from bixt.nn.layers import check_padding_mask, drop_path_rates
+from bixt.nn.posenc import fourier_features
+from bixt.nn.tokenizers import ImageTokenizer, build_tokenizer, check_image, check_patch_geometry
 
 
 @dataclass(frozen=True)
@@ -51,26 +53,22 @@ class PerceiverConfig(ModelConfig):
     # BiXT's blocks read this.
     cross_attention: ClassVar[str] = "iterative"
 
+    _DEFAULT_FROM: ClassVar[dict[str, str]] = {"attn_dim": "token_dim"}
+
     def __post_init__(self):
         super().__post_init__()
-        if self.cross_attn_dim % self.cross_heads:
-            raise ValueError(f"cross-attention dim {self.cross_attn_dim} is not divisible by cross_heads="
+        if self.dense_classes:
+            raise ValueError(NO_TOKENS)
+        if self.attn_dim % self.cross_heads:
+            raise ValueError(f"cross-attention dim {self.attn_dim} is not divisible by cross_heads="
                              f"{self.cross_heads}: set attn_dim or cross_heads so that it is")
 
     @property
-    def tok_dim(self) -> int:
+    def token_dim(self) -> int:
         """Channels of one input token: raw image values plus position features, or the embedding of BiXT's."""
         if self.modality == "image":
             return self.in_chans * self.patch_size ** 2 + 2 * (2 * self.fourier_bands + 1)
         return self.dim
-
-    @property
-    def cross_attn_dim(self) -> int:
-        return self.attn_dim or self.tok_dim
-
-    @property
-    def ca_heads(self) -> int:
-        return self.cross_heads
 
     @property
     def depth(self) -> int:
@@ -117,18 +115,17 @@ NO_TOKENS = ("Perceiver has no token stream: its latents read the input tokens b
              "no per-token outputs; use a BiXT or ViT model for dense predictions")
 
 
-class Perceiver(nn.Module):
+class Perceiver(LatentModel):
     """Perceiver: latents read the (never updated) input tokens again and again.
 
     model(x) -> logits (B, num_classes); forward_features(x) -> latents (B, M, dim). There are no per-token outputs:
     forward_dense raises.
     """
 
+    no_dense = NO_TOKENS
+
     def __init__(self, cfg: PerceiverConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.num_classes = cfg.num_classes
-        self.num_features = cfg.dim
+        super().__init__(cfg)
         if cfg.modality == "image":
             self.tokenizer = FourierConcatTokenizer(cfg.in_chans, cfg.patch_size, cfg.stride, cfg.img_size,
                                                     cfg.fourier_bands, cfg.max_freq)
@@ -138,16 +135,15 @@ class Perceiver(nn.Module):
         n_cross = min(cfg.num_blocks, 2) if cfg.share_cross else cfg.num_blocks
         n_latent = cfg.self_per_block * (1 if cfg.share_latent else cfg.num_blocks)
         self.cross = nn.ModuleList(CrossBlock(cfg, 0.0, one_sided=True) for _ in range(n_cross))
-        rates = [cfg.drop_path_rate * i / max(n_latent - 1, 1) for i in range(n_latent)]
-        self.latent = nn.ModuleList(LatentBlock(cfg, rate) for rate in rates)
-        self.fc_norm = layer_norm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.latent = nn.ModuleList(LatentBlock(cfg, rate) for rate in drop_path_rates(cfg.drop_path_rate, n_latent))
+        self.build_head()
         self.init_weights()
 
-    # BiXT's weight init, backend switch and head (mean of the latents, norm, linear): the same training recipe fits.
-    init_weights = BiXT.init_weights
-    set_backend = BiXT.set_backend
-    forward_head = BiXT.forward_head
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """BiXT's init (truncated-normal latents, then "jax"), so that the same training recipe fits both."""
+        nn.init.trunc_normal_(self.latents, std=0.02)
+        jax_init_(self)
 
     def schedule(self) -> list[tuple[int, list[int]]]:
         """For each repeat: the index of its cross-attend and of its latent layers in self.cross / self.latent."""
@@ -167,12 +163,6 @@ class Perceiver(nn.Module):
                 lat = self.latent[j](lat)
         return lat
 
-    def forward_dense(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        raise ValueError(NO_TOKENS)
-
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        return self.forward_head(self.forward_features(x, padding_mask))
-
 
 # perceiver_imagenet: the paper's ImageNet model (the defaults). perceiver_ti: BiXT-Ti's budget (dim 192, 64 latents,
 # 6 heads of 32, MLP ratio 4, 12 distinct latent layers), reading BiXT-Ti/16's 196 tokens as raw 16 x 16 patches
@@ -188,3 +178,4 @@ PERCEIVER_TABLE: dict[str, dict] = {
                           "num_classes": 2},
 }
 CONFIGS: dict[str, PerceiverConfig] = {name: PerceiverConfig(**row) for name, row in PERCEIVER_TABLE.items()}
+register_family("perceiver", CONFIGS, Perceiver)

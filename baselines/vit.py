@@ -1,12 +1,13 @@
 """ViT / DeiT (Dosovitskiy et al. 2021, Touvron et al. 2021) on the same inputs as BiXT.
 
 Class token, learned positional embedding, pre-norm blocks (BiXT's latent block is exactly a ViT block), attention
-through `bixt.attention` so the backends are BiXT's. The positional embedding is resized bicubically to the input's
+through `bixt.nn.attention` so the backends are BiXT's. The positional embedding is resized bicubically to the input's
 token grid (as timm's `resample_abs_pos_embed`), so one model runs at any image size: `vit_ti_p16` takes 16,384
 tokens. Points and sequences use BiXT's tokenizers unchanged.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bixt.configs import ModelConfig
-from bixt.layers import check_padding_mask, layer_norm
-from bixt.model import BiXT, LatentBlock
-from bixt.tokenizers import ImageTokenizer, build_tokenizer
+from bixt.models.base import Model
+from bixt.models.blocks import LatentBlock
+from bixt.models.config import ModelConfig
+from bixt.models.registry import register_family
+from bixt.nn.layers import check_padding_mask, classifier, drop_path_rates, layer_norm
+from bixt.nn.tokenizers import ImageTokenizer, build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class ViTConfig(ModelConfig):
 
     heads: int = 3
     depth: int = 12
-    dense_classes: int = 0  # > 0: per-token head on the patch tokens
+    # dense_classes > 0 (ModelConfig): a per-token head on the patch tokens.
 
     _POSITIVE: ClassVar[tuple[str, ...]] = ("dim", "depth", "heads", "mlp_ratio")
 
@@ -69,7 +72,7 @@ def build_vit_tokenizer(cfg: ViTConfig) -> nn.Module:
     return build_tokenizer(cfg, cfg.dim)
 
 
-class ViT(nn.Module):
+class ViT(Model):
     """Vision Transformer: a class token and all input tokens in one self-attention stack.
 
     model(x) -> logits (B, num_classes) from the class token; forward_features(x) -> all tokens after the final norm
@@ -77,18 +80,14 @@ class ViT(nn.Module):
     """
 
     def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.num_classes = cfg.num_classes
-        self.num_features = cfg.dim
+        super().__init__(cfg)
         self.tokenizer = build_vit_tokenizer(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, cfg.dim))  # the class token's slot of timm's pos_embed
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(LatentBlock(cfg, rates[i]) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(LatentBlock(cfg, rate) for rate in drop_path_rates(cfg.drop_path_rate, cfg.depth))
         self.norm = layer_norm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.head = classifier(cfg.dim, cfg.num_classes)
         if cfg.dense_classes:
             self.dense_head = nn.Linear(cfg.dim, cfg.dense_classes)
         self.init_weights()
@@ -106,8 +105,6 @@ class ViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    set_backend = BiXT.set_backend
-
     def forward_features(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         tok = self.tokenizer(x)
         check_padding_mask(padding_mask, tok.shape[:2])  # the class token is never padding
@@ -122,15 +119,38 @@ class ViT(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return x[:, 0] if pre_logits else self.head(x[:, 0])
 
-    def forward_dense(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if not self.cfg.dense_classes:
-            raise ValueError("this model has no dense head: create it with dense_classes=K for per-token logits")
-        return self.dense_head(self.forward_features(x, padding_mask)[:, 1:])
+    def token_features(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return self.forward_features(x, padding_mask)[:, 1:]
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if self.cfg.dense_classes and not self.cfg.num_classes:
-            return self.forward_dense(x, padding_mask)
-        return self.forward_head(self.forward_features(x, padding_mask))
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm's layout (DeiT's released checkpoints among them): the ViT family's checkpoint filter.
+
+
+def is_timm_vit_layout(state: Mapping[str, Tensor]) -> bool:
+    """timm's VisionTransformer keys (DeiT's released checkpoints among them)."""
+    return {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= state.keys()
+
+
+def checkpoint_filter_fn(state: dict[str, Tensor], model: nn.Module | None = None) -> dict[str, Tensor]:
+    """timm's class-token ViT (e.g. deit_tiny_patch16_224) -> this ViT, when the keys are timm's (else unchanged): the position table is split into the
+    class token's entry and the patch grid's, the patch embedding moves under the tokenizer; blocks, norm and head
+    keep their names (the same fused qkv layout: parts, heads, head_dim)."""
+    if not is_timm_vit_layout(state):
+        return state
+    other = [k for k in ("dist_token", "reg_token", "head_dist.weight", "fc_norm.weight") if k in state]
+    if other:
+        raise ValueError(f"this timm ViT has {', '.join(other)}: only the plain class-token ViT maps onto vit_* "
+                         "(e.g. deit_tiny_patch16_224, not the distilled or register variants)")
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed":
+            out["cls_pos"], out["tokenizer.pos_embed.weight"] = value[:, :1], value[:, 1:]
+        elif key.startswith("patch_embed.proj."):
+            out["tokenizer.proj." + key.rsplit(".", 1)[1]] = value
+        else:
+            out[key] = value
+    return out
 
 
 # Named configs: overrides of the DeiT-Ti/16 defaults. DeiT-Ti and DeiT-S parameter counts are the published ones
@@ -142,3 +162,4 @@ VIT_TABLE: dict[str, dict] = {
     "vit_ti_text": {"modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 4096, "num_classes": 2},
 }
 CONFIGS: dict[str, ViTConfig] = {name: ViTConfig(**row) for name, row in VIT_TABLE.items()}
+register_family("vit", CONFIGS, ViT, checkpoint_filter=checkpoint_filter_fn)

@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bixt.attention import BiDirectionalCrossAttention, bidirectional_attention
+from bixt.nn.attention import BiDirectionalCrossAttention, bidirectional_attention
 
 BACKENDS = ("math", "sdpa", "fused")
 console = Console()
@@ -170,14 +170,14 @@ def child_model_time(name: str, img: int, run: str, iters: int) -> dict:
     MLPs streamed in cache-sized chunks); no_attention: the cross-attention core replaced by zeros, the bound for
     any cross-attention backend. A fresh process per run keeps allocator state from favouring whoever runs later.
     """
-    import bixt.attention
-    import bixt.layers
+    import bixt.nn.attention
+    import bixt.nn.layers
     from bixt import create_model
 
     if run == "no_attention":
-        bixt.attention.bidirectional_attention = _no_attention
+        bixt.nn.attention.bidirectional_attention = _no_attention
     if run == "authors":
-        bixt.layers.TOKEN_CHUNK = 10**12
+        bixt.nn.layers.TOKEN_CHUNK = 10**12
     torch.manual_seed(0)
     model = create_model(name, img_size=img).eval()
     model.set_backend({"no_attention": "sdpa", "authors": "math"}.get(run, run))
@@ -223,7 +223,7 @@ CROSSOVER = ((1, 256), (1, 1024), (8, 196), (1, 2304), (4, 1024), (1, 4096), (2,
 
 def crossover(H: int, M: int, d: int, repeats: int, out: Path) -> dict:
     """fused / sdpa time for (batch, tokens) pairs, inference forward and forward + backward: the data behind
-    `bixt.fused.fused_wins`. Medians of `repeats` round-robin calls; written after every shape."""
+    `bixt.nn.fused.fused_wins`. Medians of `repeats` round-robin calls; written after every shape."""
     rows = []
     for B, N in CROSSOVER:
         row = {"batch": B, "tokens": N, "batch_tokens": B * N}

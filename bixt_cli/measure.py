@@ -1,4 +1,4 @@
-"""`bixt profile` and `bixt compare`: thin wrappers over bixt.profile and bixt.compare."""
+"""`bixt profile` and `bixt compare`: thin wrappers over bixt.measure.profile and bixt.measure.compare."""
 from __future__ import annotations
 
 import json
@@ -95,7 +95,7 @@ def profile(
     model_arg: list[str] = typer.Option(None, "--model-arg", metavar="KEY=VALUE", help=MODEL_ARG_HELP),
 ):
     """Parameters, GMACs (fvcore and closed form), peak memory and throughput of one model at one input size."""
-    from bixt.profile import DEFAULT_PLAN, QUICK_PLAN, Setup, profile, tokens_for
+    from bixt.measure.profile import DEFAULT_PLAN, QUICK_PLAN, Setup, profile, tokens_for
 
     overrides = parse_model_args(model_arg)
     setup = Setup(model, tokens_for(model, seq_len, img_size, overrides), batch_size, device, dtype, backend,
@@ -127,8 +127,8 @@ def compare(
     fit_from: int = typer.Option(1024, help="Fit exponents over the lengths >= this (all if fewer than two)."),
 ):
     """BiXT against baselines at growing sequence lengths: GMACs, memory, throughput, fitted exponents, plots."""
-    from bixt import compare as cmp
-    from bixt.profile import DEFAULT_PLAN, QUICK_PLAN
+    from bixt.measure import compare as cmp
+    from bixt.measure.profile import DEFAULT_PLAN, QUICK_PLAN
 
     names = cmp.resolve_models(split_list(models), split_list(baselines))
     lengths = parse_lengths(seq_lens) or (cmp.QUICK["seq_lens"] if quick else cmp.DEFAULT_SEQ_LENS)

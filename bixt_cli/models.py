@@ -18,7 +18,8 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="One JSON list on stdout instead of the table."),
 ):
     """List the registered models: family, parameters, GMACs, latents, dim, depth, heads, tokens (default input)."""
-    from bixt.registry import families, list_models, model_summary
+    from bixt.measure.flops import model_summary
+    from bixt.models.registry import families, list_models
 
     if family is not None and family not in families():
         raise ValueError(f"unknown family {family!r}: choose one of {', '.join(families())}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "official_bixt"
+FIXTURES = ROOT / "tests" / "fixtures" / "official_bixt"
 
 
 @pytest.fixture(autouse=True)
@@ -14,7 +14,7 @@ def _seed():
 
 def fixture_names() -> list[str]:
     names = sorted(p.stem for p in FIXTURES.glob("*.pt"))
-    assert names, f"no parity fixtures found in {FIXTURES}: CI needs ../shared beside the checkout"
+    assert names, f"no parity fixtures found in {FIXTURES}: they are vendored in the repository (tests/fixtures)"
     return names
 
 

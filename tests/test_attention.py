@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bixt.attention import BiDirectionalCrossAttention, attention, bidirectional_attention
+from bixt.nn.attention import BiDirectionalCrossAttention, attention, bidirectional_attention
 
 BACKENDS = ["math", "sdpa"]
 

@@ -4,13 +4,13 @@ import torch
 from conftest import assert_padding_changes_nothing
 from typer.testing import CliRunner
 
-from baselines.perceiver import FourierConcatTokenizer, PerceiverConfig
-from baselines.vit import LearnedPosEmbed2d, ViTConfig, resample_pos_embed
+from bixt_baselines.perceiver import FourierConcatTokenizer, PerceiverConfig
+from bixt_baselines.vit import LearnedPosEmbed2d, ViTConfig, resample_pos_embed
 from bixt import create_model
-from bixt.attention import BiDirectionalCrossAttention, SequentialCrossAttention
-from bixt.configs import BiXTConfig
-from bixt.model import CrossBlock
-from bixt.registry import count_params, families, list_models
+from bixt.nn.attention import BiDirectionalCrossAttention, SequentialCrossAttention
+from bixt.models import BiXTConfig
+from bixt.models.blocks import CrossBlock
+from bixt.models.registry import count_params, families, list_models
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -51,7 +51,7 @@ def test_perceiver_imagenet_is_the_papers_size():
     assert count_params("perceiver_imagenet") == expected
     assert abs(expected - 44.9e6) / 44.9e6 < 0.05
     cfg = create_model("perceiver_imagenet", num_latents=4, dim=16, heads=2, img_size=8).cfg
-    assert cfg.tok_dim == 261 and cfg.depth == 48
+    assert cfg.token_dim == 261 and cfg.depth == 48
 
 
 def test_sequential_attention_has_eight_maps_where_bidirectional_has_six():
@@ -280,8 +280,8 @@ def timm_vit_reference(sd: dict, x: torch.Tensor, depth: int, heads: int, patch:
 def test_timm_vit_weights_load_and_compute_what_timm_computes(tmp_path):
     """A timm-layout checkpoint (random weights, DeiT's {'model': ...} wrapper) through `bixt eval`'s loader gives
     the logits of timm's forward written out independently; distilled DeiT is refused with a clear error."""
-    from bixt.checkpoint import save_weights
-    from bixt.evaluate import load_weights
+    from bixt.io.checkpoint import save_weights
+    from bixt.io.checkpoint import load_checkpoint
 
     depth, heads, D, patch, img, classes = 2, 2, 32, 8, 32, 7
     g = torch.Generator().manual_seed(0)
@@ -298,10 +298,10 @@ def test_timm_vit_weights_load_and_compute_what_timm_computes(tmp_path):
     torch.save({"model": sd, "epoch": 299}, path)
     model = create_model("vit_ti_p16", img_size=img, patch_size=patch, stride=patch, dim=D, depth=depth,
                          heads=heads, num_classes=classes).eval()
-    load_weights(model, "vit", path)
+    load_checkpoint(model, path)
     x = torch.randn(2, 3, img, img, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(model(x), timm_vit_reference(sd, x, depth, heads, patch), atol=1e-5, rtol=1e-5)
     save_weights({**sd, "dist_token": sd["cls_token"].clone()}, tmp_path / "distilled.safetensors")
     with pytest.raises(ValueError, match="dist_token: only the plain class-token ViT"):
-        load_weights(model, "vit", tmp_path / "distilled.safetensors")
+        load_checkpoint(model, tmp_path / "distilled.safetensors")

@@ -8,8 +8,9 @@ import torch
 from conftest import tiny_config
 
 from bixt import BiXT, create_model, load_checkpoint, save_weights
-from bixt.checkpoint import bixt_to_official, official_to_bixt, read_state_dict
-from bixt.official import build_from_official_args
+from bixt.io.checkpoint import read_state_dict
+from bixt.models.official import bixt_to_official, official_to_bixt
+from bixt.models.official import build_from_official_args
 
 
 def test_official_layout_round_trips_and_has_the_authors_keys():

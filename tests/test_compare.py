@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, assert_one_line_error
 from typer.testing import CliRunner
 
-from bixt import compare as cmp
-from bixt.profile import Plan
+from bixt.measure import compare as cmp
+from bixt.measure.profile import Plan
 from bixt_cli.main import app
 from bixt_cli.measure import join_list_values
 
@@ -65,7 +65,7 @@ def test_step_model_predicts_from_the_line_through_measured_steps():
 
 
 def fake_count(prep):
-    from bixt.flops import analytic_macs
+    from bixt.measure.flops import analytic_macs
 
     closed = analytic_macs(prep.family, prep.config, prep.setup.seq_len, prep.count_backend)
     return {"gmacs": closed.total / 1e9, "gmacs_analytic": closed.total / 1e9, "gmacs_attention": 0.0,
@@ -78,8 +78,8 @@ def fake_runner(setup, mode, plan, timeout):
         raise RuntimeError("kernel exploded")
     if setup.model == "vit_ti_p16" and setup.seq_len >= 1024:
         return {"status": "oom", "message": f"{mode}: out of memory"}
-    from bixt.flops import analytic_macs
-    from bixt.profile import prepare
+    from bixt.measure.flops import analytic_macs
+    from bixt.measure.profile import prepare
 
     prep = prepare(setup)
     step = analytic_macs(prep.family, prep.config, setup.seq_len, prep.count_backend).total / 1e9
@@ -139,7 +139,7 @@ def test_a_killed_sweep_keeps_every_finished_row(tmp_path):
         import sys, time
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         from test_compare import fake_count
-        from bixt import compare as cmp
+        from bixt.measure import compare as cmp
         def slow(setup, mode, plan, timeout):
             time.sleep(0.3)
             return {{"status": "ok", "message": "", "step_ms": 10.0, "samples_per_sec": 100.0}}

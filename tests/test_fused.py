@@ -3,9 +3,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import bixt.fused as fused
-from bixt.attention import BiDirectionalCrossAttention, bidirectional_attention
-from bixt.fused import FVCORE_OP, chunk_size, fused_bidirectional_attention, fused_macs, fvcore_handle
+import bixt.nn.fused as fused
+from bixt.nn.attention import BiDirectionalCrossAttention, bidirectional_attention
+from bixt.measure.flops import FUSED_OP, fused_flop_jit
+from bixt.nn.fused import chunk_size, fused_bidirectional_attention, fused_macs
 
 
 def random_inputs(B, H, M, N, d, masked, dtype=torch.float32):
@@ -63,7 +64,7 @@ def test_fused_equals_math_outputs_and_gradients(shape, masked, one_sided, monke
 def test_fused_on_the_modules_strided_layout(B, packed, three_ranges):
     """r/v as the module makes them: heads split out of one projection per side (non-contiguous views). Given
     that projection (packed_tok), the op returns its gradient whole; the gradients equal math's either way."""
-    from bixt.layers import split_heads
+    from bixt.nn.layers import split_heads
 
     H, M, N, d = 3, 6, 50, 8
     rv_lat, rv_tok = torch.randn(B, M, 2 * H * d, requires_grad=True), torch.randn(B, N, 2 * H * d, requires_grad=True)
@@ -87,7 +88,7 @@ def test_fused_on_the_modules_strided_layout(B, packed, three_ranges):
 
 
 def test_packed_tok_must_be_what_the_token_inputs_were_split_from():
-    from bixt.layers import split_heads
+    from bixt.nn.layers import split_heads
 
     rv = torch.randn(1, 20, 2 * 2 * 4)
     r_lat, v_lat = torch.randn(2, 1, 2, 3, 4).unbind(0)
@@ -285,8 +286,8 @@ def test_fvcore_counts_the_fused_op_like_the_math_backend(one_sided):
         fl.unsupported_ops_warnings(False)
         if backend == "fused":
             fl.total()
-            assert FVCORE_OP in fl.unsupported_ops()  # the name the profiler registers the handle under
-            fl = fl.set_op_handle(FVCORE_OP, fvcore_handle)
+            assert FUSED_OP in fl.unsupported_ops()  # the name the profiler registers the handle under
+            fl = fl.set_op_handle(FUSED_OP, fused_flop_jit)
         counts[backend] = fl.total()
         assert not any(op.startswith("prim::PythonOp") for op in fl.unsupported_ops())
     assert counts["fused"] == counts["math"]
@@ -294,7 +295,7 @@ def test_fvcore_counts_the_fused_op_like_the_math_backend(one_sided):
 
 
 @pytest.mark.parametrize("one_sided", [False, True])
-def test_fvcore_handle_on_separate_token_inputs(one_sided):
+def test_fused_flop_jit_on_separate_token_inputs(one_sided):
     """The handle reads both call forms: r_tok and v_tok (here) or one packed projection (the module, above)."""
     from fvcore.nn import FlopCountAnalysis
 
@@ -306,4 +307,4 @@ def test_fvcore_handle_on_separate_token_inputs(one_sided):
     (r_lat, v_lat, r_tok, v_tok), _ = random_inputs(2, 3, 5, 40, 8, False)
     fl = FlopCountAnalysis(Core(), (r_lat, v_lat, r_tok, v_tok)).tracer_warnings("none")
     fl.unsupported_ops_warnings(False)
-    assert fl.set_op_handle(FVCORE_OP, fvcore_handle).total() == fused_macs(2, 3, 5, 40, 8, not one_sided)
+    assert fl.set_op_handle(FUSED_OP, fused_flop_jit).total() == fused_macs(2, 3, 5, 40, 8, not one_sided)

@@ -7,8 +7,8 @@ from conftest import FIXTURES, assert_padding_changes_nothing, fixture_names, ti
 
 import bixt
 from bixt import BiXT, BiXTConfig, create_model, load_checkpoint
-from bixt.official import build_from_official_args
-from bixt.registry import count_params
+from bixt.models.official import build_from_official_args
+from bixt.models.registry import count_params
 
 
 @pytest.mark.parametrize("name", fixture_names())
@@ -164,8 +164,8 @@ def test_invalid_input_raises_value_error_naming_the_fix(make, match):
 
 
 def test_inference_chunks_per_token_branches_without_changing_results():
-    """Without autograd, token MLPs run in place over cache-sized chunks (bixt.layers.TOKEN_CHUNK)."""
-    from bixt.layers import TOKEN_CHUNK
+    """Without autograd, token MLPs run in place over cache-sized chunks (bixt.nn.layers.TOKEN_CHUNK)."""
+    from bixt.nn.layers import TOKEN_CHUNK
 
     # One backend for both runs: `auto` switches to fused at fewer tokens when autograd records.
     model = BiXT(tiny_config(modality="points", seq_len=8)).eval().set_backend("sdpa")

@@ -9,11 +9,11 @@ from conftest import assert_one_line_error
 from torch import nn
 from typer.testing import CliRunner
 
-from bixt import registry
-from bixt.attention import bidirectional_attention
-from bixt.flops import analytic_macs, count_macs
-from bixt.fused import fused_bidirectional_attention
-from bixt.profile import PeakMemory, Plan, Setup, _worker, is_oom, measure, prepare, profile, tokens_for
+from bixt.models import registry
+from bixt.nn.attention import bidirectional_attention
+from bixt.measure.flops import analytic_macs, count_macs
+from bixt.nn.fused import fused_bidirectional_attention
+from bixt.measure.profile import PeakMemory, Plan, Setup, _worker, is_oom, measure, prepare, profile, tokens_for
 from bixt_cli.main import app
 
 runner = CliRunner()
@@ -97,7 +97,7 @@ CASES = [("bixt_ti_l64_p16", {}), ("bixt_ti_l64_p16s8", {}), ("bixt_ti_l64_point
 def test_closed_form_matches_fvcore(name, extra, backend):
     entry = registry.get_entry(name)
     tiny = TINY["bixt" if entry.family.startswith("bixt") else entry.family]
-    cfg = registry.resolve_config(name, **tiny, **extra, attn_backend=backend)
+    cfg = registry.model_config(name, **tiny, **extra, attn_backend=backend)
     model = entry.build(cfg)
     traced = count_macs(model, model.tokenizer.example_input(1, 64))
     closed = analytic_macs(entry.family, cfg, 64, backend)
@@ -108,7 +108,7 @@ def test_closed_form_matches_fvcore(name, extra, backend):
 
 def fused_length(batch: int = 1) -> int:
     """The shortest square length at which `auto` runs BiXT's cross-attention on the fused backend (CPU, fp32)."""
-    from bixt.fused import fused_wins
+    from bixt.nn.fused import fused_wins
 
     probe = torch.empty(1)
     return next(s * s for s in range(1, 257) if fused_wins(probe.expand(batch, 1, 1, 1),
@@ -142,7 +142,7 @@ def test_backend_follows_the_batch():
 def test_published_counts_within_one_percent():
     """fvcore on the cheap ones (the /8 and /4 grids take a while); the closed form, equal to fvcore wherever both
     are tested, on all of them."""
-    from bixt.compare import PUBLISHED, published_counts
+    from bixt.measure.compare import PUBLISHED, published_counts
 
     rows = published_counts(("bixt_ti_l64_p16", "vit_ti_p16"))
     assert len(rows) == 2
@@ -151,7 +151,7 @@ def test_published_counts_within_one_percent():
         assert r["param_count"] == r["published_params"], r
     for name, (gmacs, _) in PUBLISHED.items():
         entry = registry.get_entry(name)
-        cfg = registry.resolve_config(name, attn_backend="math")
+        cfg = registry.model_config(name, attn_backend="math")
         closed = analytic_macs(entry.family, cfg, cfg.default_tokens, "math").total / 1e9
         assert abs(closed / gmacs - 1) < 0.01, (name, closed)
 
@@ -199,7 +199,7 @@ def test_profile_runs_each_mode_in_a_fresh_process(one_thread):
 
 
 def test_failures_inside_a_run_become_statuses(monkeypatch):
-    import bixt.profile as prof
+    import bixt.measure.profile as prof
 
     payload = {"setup": {**Setup("bixt_ti_l64_p16", 16).__dict__, "overrides": []}, "mode": "infer",
                "plan": ONE_STEP.__dict__}

@@ -16,9 +16,10 @@ from conftest import ROOT, assert_one_line_error
 from typer.testing import CliRunner
 
 import bixt
-from bixt import rundir
-from bixt.checkpoint import bixt_to_official, read_state_dict
-from bixt.engine import build_optimizer, build_scheduler, param_groups
+from bixt.train import rundir
+from bixt.io.checkpoint import read_state_dict
+from bixt.models.official import bixt_to_official
+from bixt.train.engine import build_optimizer, build_scheduler, param_groups
 from bixt.train import TrainingDiverged, read_config_file, resolve_config, train
 from bixt_cli.main import app
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bixt.posenc import fourier_features, fourier_grid_2d, sincos_1d
+from bixt.nn.posenc import fourier_features, fourier_grid_2d, sincos_1d
 
 MODALITIES = ("image", "points", "sequence")
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bixt.fused import fused_bidirectional_attention, fused_wins
-from bixt.layers import split_heads
+from bixt.nn.fused import fused_bidirectional_attention, fused_wins
+from bixt.nn.layers import split_heads
 
 BACKENDS = ("auto", "math", "sdpa", "xformers", "fused")
 

@@ -9,8 +9,8 @@ really does something and was not counted (a red flag, not noise).
 Attention cores are counted as the kernels compute them: q k^T and a v, L * S * (E + Ev) per head for L queries
 over S keys, masks and causality ignored (as fvcore does for plain matmuls). On the `math` backend that is plain
 matmuls; on `sdpa` fvcore sees `aten::scaled_dot_product_attention` (or a kernel variant), which it would count as
-0 without the handle here; the `fused` backend is one autograd.Function (prim::PythonOp), counted by bixt.fused's
-own handle. BiXT's two-sided attention computes its similarity matrix once on `math` and `fused` and twice on
+0 without the handle here; the `fused` backend is one autograd.Function (prim::PythonOp), counted by its handle
+here. BiXT's two-sided attention computes its similarity matrix once on `math` and `fused` and twice on
 `sdpa` (two one-way calls), so the backends differ by M * N * d_attn per two-sided layer, and each count is right
 for what runs. The split "attention" is the attention cores (SDPA, fused attention ops and the matmul / bmm /
 einsum products, which in these models occur only there; linear layers trace as `aten::linear`); "rest" is
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bixt import fused
+from bixt.models.registry import count_params, get_entry
+from bixt.nn import fused
 
 Shape = list[int]
 
@@ -71,14 +72,33 @@ def baddbmm_flop_jit(inputs: list, outputs: list) -> int:
     return b * n * m * p
 
 
-# The handles added to fvcore's defaults. A custom autograd.Function appears in the trace as prim::PythonOp.<Class>:
-# one entry here per attention Function of ours, with the MAC count its module gives.
+# A custom autograd.Function appears in a jit trace as prim::PythonOp.<Class>: the fused backend's op.
+FUSED_OP = f"prim::PythonOp.{fused.FusedBiDirectionalAttention.__name__}"
+
+
+def fused_flop_jit(inputs: list, outputs: list) -> int:
+    """The fused backend's op (FUSED_OP): MACs of one call from the traced input shapes.
+
+    jit records only the tensor arguments: r_lat, [v_lat], then r_tok and v_tok (4-D) or packed_tok (3-D, both
+    halves), then [padding_mask]; four token-or-latent operands mean two-sided.
+    """
+    shapes = [v.type().sizes() for v in inputs if v.isCompleteTensor()]
+    four, packed = [s for s in shapes if len(s) == 4], [s for s in shapes if len(s) == 3]
+    operands = len(four) + 2 * len(packed)
+    if not four or len(packed) > 1 or operands not in (3, 4):
+        raise ValueError(f"{FUSED_OP} traced with {len(shapes)} complete inputs of unexpected ranks: "
+                         "trace with concrete tensors")
+    (B, H, M, d), N = four[0], packed[0][1] if packed else four[-1][2]
+    return fused.fused_macs(B, H, M, N, d, two_sided=operands == 4)
+
+
+# The handles added to fvcore's defaults: every attention op of the backends, in this one place.
 EXTRA_HANDLES: dict[str, Callable] = {
     **{op: sdpa_flop_jit for op in SDPA_OPS},
     "aten::baddbmm": baddbmm_flop_jit,
-    fused.FVCORE_OP: fused.fvcore_handle,
+    FUSED_OP: fused_flop_jit,
 }
-ATTENTION_OPS = frozenset((*SDPA_OPS, *PRODUCT_OPS, fused.FVCORE_OP))
+ATTENTION_OPS = frozenset((*SDPA_OPS, *PRODUCT_OPS, FUSED_OP))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +161,7 @@ def _mlp(rows: int, dim: int, ratio: float) -> int:
 
 
 def tokenizer_macs(cfg, n: int, dim: int, fourier_proj: bool) -> int:
-    """The tokenizers of `bixt.tokenizers` for n tokens; `fourier_proj`: the image 1x1 conv of the 64 Fourier
+    """The tokenizers of `bixt.nn.tokenizers` for n tokens; `fourier_proj`: the image 1x1 conv of the 64 Fourier
     channels (BiXT's positional encoding; ViT's learned table and the Perceiver's raw pixels cost nothing)."""
     if cfg.modality == "image":
         return n * dim * cfg.in_chans * cfg.patch_size ** 2 + (n * 64 * dim if fourier_proj else 0)
@@ -157,13 +177,13 @@ def self_block_macs(rows: int, dim: int, ratio: float) -> tuple[int, int]:
 
 
 def cross_block_macs(cfg, n: int, kind: str, backend: str, latents_used: bool = True) -> tuple[int, int]:
-    """BiXT's cross block (bixt.model.CrossBlock) over M latents and n tokens -> (total, attention).
+    """BiXT's cross block (bixt.models.bixt.CrossBlock) over M latents and n tokens -> (total, attention).
 
     kind: "one-sided" (only the latents read the tokens: BiXT's last layer, iterative attention, the Perceiver's
     cross-attend), "bidirectional" or "sequential". `latents_used=False`: the latents' update is never used (the
     last layer of a dense-only model); fvcore's trace drops that dead work, and so does this count.
     """
-    M, d, dt, da, r = cfg.num_latents, cfg.dim, cfg.tok_dim, cfg.cross_attn_dim, cfg.mlp_ratio
+    M, d, dt, da, r = cfg.num_latents, cfg.dim, cfg.token_dim, cfg.attn_dim, cfg.mlp_ratio
     lat_update = M * da * d + _ln(M, d) + _mlp(M, d, r)  # proj_lat, the latents' MLP and its norm
     # Always: the latents' and the tokens' norms, the tokens' fused reference/key + value projection.
     total = _ln(M, d) + _ln(n, dt) + n * dt * 2 * da + (lat_update if latents_used else 0)
@@ -188,7 +208,7 @@ def _head(cfg, rows: int) -> int:
 
 def bixt_macs(cfg, n: int, backend: str) -> tuple[int, int]:
     """BiXT and its ablations (`cross_attention`: bidirectional / sequential / iterative)."""
-    total, attn = tokenizer_macs(cfg, n, cfg.tok_dim, fourier_proj=True), 0
+    total, attn = tokenizer_macs(cfg, n, cfg.token_dim, fourier_proj=True), 0
     dense_only = bool(cfg.dense_classes and not cfg.num_classes)
     for i in range(cfg.depth):
         last = i == cfg.depth - 1
@@ -200,7 +220,7 @@ def bixt_macs(cfg, n: int, backend: str) -> tuple[int, int]:
             latent, latent_attn = self_block_macs(cfg.num_latents, cfg.dim, cfg.mlp_ratio)
             total, attn = total + latent, attn + latent_attn
     if dense_only:  # per-token head on the token stream
-        return total + _ln(n, cfg.tok_dim) + n * cfg.tok_dim * cfg.dense_classes, attn
+        return total + _ln(n, cfg.token_dim) + n * cfg.token_dim * cfg.dense_classes, attn
     return total + _head(cfg, 1), attn
 
 
@@ -242,3 +262,13 @@ def analytic_macs(family: str, cfg, n: int, backend: str) -> MacCount | None:
         return None
     total, attention = fn(cfg, n, backend)
     return MacCount(total, attention)
+
+
+def model_summary(name: str) -> dict:
+    """One row of `bixt models`: the family, the parameter count, GMACs per sample at the default input (closed
+    form, the authors' one-similarity-matrix convention; fvcore agrees, see count_macs) and the config's summary."""
+    entry = get_entry(name)
+    summary = entry.config.summary()
+    macs = analytic_macs(entry.family, entry.config, summary["tokens"], "math")
+    return {"name": name, "family": entry.family, "params": count_params(name),
+            "gmacs": None if macs is None else round(macs.total / 1e9, 4), **summary}

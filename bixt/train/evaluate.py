@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from bixt import rundir
-from bixt.distributed import Dist, resolve_device
-from bixt.engine import evaluate
+from bixt.io.checkpoint import likely_models, load_checkpoint, read_state_dict
+from bixt.train import rundir
+from bixt.train.distributed import Dist, resolve_device
+from bixt.train.engine import evaluate
 
 
 def find_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
@@ -33,31 +34,11 @@ def find_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
     return path, path.parent if (path.parent / rundir.CONFIG).is_file() else None
 
 
-def load_weights(model: torch.nn.Module, family: str, weights: Path) -> None:
-    """BiXT: this project's or the authors' layout (with a hint at the fitting model on a mismatch); ViT: also
-    timm's (DeiT's released weights); other families: this project's layout. Strict."""
-    if family == "bixt":
-        from bixt.checkpoint import load_checkpoint
-
-        load_checkpoint(model, weights)
-        return
-    from bixt.checkpoint import is_timm_vit_layout, read_state_dict, timm_vit_to_ours
-
-    state = read_state_dict(weights)
-    if family == "vit" and is_timm_vit_layout(state):
-        state = timm_vit_to_ours(state)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        detail = " ".join(ln.strip() for ln in str(e).splitlines()[1:3])
-        raise ValueError(f"{weights} does not fit this model: {detail}") from None
-
-
 def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: str | None = None, *,
                         batch_size: int = 128, device: str | None = None, workers: int | None = None) -> dict:
     """Evaluate a checkpoint; returns {model, data, checkpoint, top1, top5, loss, samples, seconds, samples_per_s}."""
-    from bixt.registry import get_entry
-    from bixt.train import build_for_data, read_config_file
+    from bixt.models.registry import get_entry
+    from bixt.train.loop import build_for_data, read_config_file
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -69,9 +50,7 @@ def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: 
             model, model_args = saved.get("model"), dict(saved.get("model_args") or {})
         data = data or saved.get("data")
     if model is None:
-        from bixt.checkpoint import likely_models, read_state_dict
-
-        fits = likely_models(_ours(read_state_dict(weights)))
+        fits = likely_models(read_state_dict(weights))
         if len(fits) != 1 or " with " in fits[0]:
             hint = f"it fits {' or '.join(fits)}" if fits else "no registered BiXT has these shapes"
             raise ValueError(f"which model is {weights}? pass --model NAME ({hint})")
@@ -81,15 +60,9 @@ def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: 
     entry = get_entry(model)
     mcfg, ds, _ = build_for_data(model, model_args, data, augment=False, need_train=False, fit_data=False)
     net = entry.build(mcfg)
-    load_weights(net, entry.family, weights)
+    load_checkpoint(net, weights)
     d = Dist(device=resolve_device(device))
     net.to(d.device)
     result = evaluate(net, ds.test, batch_size, d, workers=ds.workers if workers is None else workers,
                       pad_id=ds.pad_id)
     return {"model": model, "data": str(data), "checkpoint": str(weights), **result}
-
-
-def _ours(state: dict) -> dict:
-    from bixt.checkpoint import is_official_layout, official_to_bixt
-
-    return official_to_bixt(state) if is_official_layout(state) else state

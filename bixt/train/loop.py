@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bixt import distributed as dist_
-from bixt import rundir
+from bixt.train import distributed as dist_
+from bixt.train import rundir
 from bixt.data import DEFAULT_MODELS, build_data, parse_spec
-from bixt.distributed import Dist
-from bixt.engine import build_optimizer, build_scheduler, epoch_batches, evaluate, loader, predict, steps_per_epoch
+from bixt.train.distributed import Dist
+from bixt.train.engine import build_optimizer, build_scheduler, epoch_batches, evaluate, loader, predict, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def build_for_data(name: str, model_args: dict, data_spec: str, *, seed: int = 0
                    need_train: bool = True, fit_data: bool = True):
     """(model config, data, overrides): the data sized for the model's input, the model's classes and input
     channels set from the data when `fit_data` (a fresh model), else checked against it (trained weights)."""
-    from bixt.registry import resolve_config as model_config
+    from bixt.models.registry import model_config
 
     mcfg = model_config(name, **model_args)
     modality = getattr(mcfg, "modality", "image")
@@ -340,7 +340,7 @@ def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step) -> Train
     run = _agree(d, lambda: _prepare_run(cfg, name, resuming))
     cfg = dataclasses.replace(cfg, out=str(run))
 
-    from bixt.registry import get_entry
+    from bixt.models.registry import get_entry
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and for any world size
     model = get_entry(name).build(mcfg)

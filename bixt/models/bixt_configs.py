@@ -1,11 +1,11 @@
-"""BiXT configurations: one dataclass, one table of named configs."""
+"""BiXT's configuration: one dataclass, and the tables of named configs the "bixt" and "bixt-ablation" families
+register (bixt/models/bixt.py)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
-from bixt.attention import check_backend
-from bixt.tokenizers import MODALITIES
+from bixt.models.config import ModelConfig
 
 # How latents and tokens exchange information in each layer (the paper's Table 1): one shared similarity matrix
 # (BiXT), two one-way cross-attentions one after the other, or latents re-reading the embedded tokens (Perceiver-like,
@@ -14,95 +14,29 @@ CROSS_ATTENTION = ("bidirectional", "sequential", "iterative")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """What every model config shares (BiXT's, ViT's, the Perceiver's): the input fields, named alike so that every
-    model is handed the same tensors, the common body fields and their checks, and the `bixt models` summary."""
-
-    # Input: which tokenizer, and the default input it is sized for.
-    modality: str = "image"  # image | points | sequence
-    in_chans: int = 3  # image channels; channels per point (xyz first); features per sequence token (0: ids)
-    img_size: int = 224  # images: the default side; any multiple of the stride runs
-    patch_size: int = 16
-    stride: int = 16  # 16, 8, 4: the authors' /16, /8 and /4 tokenizers (overlapping 16 px patches)
-    seq_len: int = 1024  # points / sequences: the default number of tokens
-    vocab_size: int = 0  # sequences of integer ids
-    fourier_bands: int = 16  # points: Fourier bands per coordinate
-    max_freq: float = 32.0
-    # Body.
-    dim: int = 192
-    heads: int = 6  # self-attention heads
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True  # bias of the fused qkv (and BiXT's r/v) projections
-    layerscale: float | None = None  # LayerScale init value; None disables it
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0  # stochastic depth, linear in depth from 0 to this
-    attn_backend: str = "auto"
-    num_classes: int = 1000  # 0: no classification head
-
-    _POSITIVE: ClassVar[tuple[str, ...]] = ("dim", "heads", "mlp_ratio")
-
-    def __post_init__(self):
-        if self.modality not in MODALITIES:
-            raise ValueError(f"unknown modality {self.modality!r}: choose one of {', '.join(MODALITIES)}")
-        for name in self._POSITIVE:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads={self.heads}: choose heads that divide it "
-                             f"(e.g. {self.dim // 32 or 1} for head dim 32)")
-        if self.num_classes < 0 or getattr(self, "dense_classes", 0) < 0:
-            raise ValueError("num_classes and dense_classes must be >= 0")
-        check_backend(self.attn_backend)
-
-    @property
-    def default_tokens(self) -> int:
-        return (self.img_size // self.stride) ** 2 if self.modality == "image" else self.seq_len
-
-    def summary(self) -> dict:
-        """The columns of `bixt models` (each config has a `depth`, as a field or a property)."""
-        return {"modality": self.modality, "latents": getattr(self, "num_latents", "-"), "dim": self.dim,
-                "depth": self.depth, "heads": self.heads, "tokens": self.default_tokens}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class BiXTConfig(ModelConfig):
     """Everything that defines a BiXT. The defaults are BiXT-Ti/16 for 224 px ImageNet."""
 
     pos_buffer: bool = True  # keep the img_size grid's Fourier features as a buffer (authors' fixed variants)
     num_latents: int = 64
-    token_dim: int | None = None  # defaults to dim (the latents' dim)
-    attn_dim: int | None = None  # inner dim of the cross-attention; defaults to dim
+    token_dim: int | None = None  # the token stream's width; None: dim (the latents')
+    attn_dim: int | None = None  # inner width of the cross-attention; None: dim
     depth: int = 12
-    cross_heads: int | None = None  # defaults to heads
+    cross_heads: int | None = None  # cross-attention heads; None: heads
     cross_attention: str = "bidirectional"  # bidirectional | sequential | iterative: ablations, see CROSS_ATTENTION
-    dense_classes: int = 0  # > 0: per-token head on the token stream, and the last layer stays two-sided
+    # dense_classes > 0 (ModelConfig): a per-token head on the token stream, and the last layer stays two-sided.
 
     _POSITIVE: ClassVar[tuple[str, ...]] = ("num_latents", "dim", "depth", "heads", "mlp_ratio")
+    _DEFAULT_FROM: ClassVar[dict[str, str]] = {"token_dim": "dim", "attn_dim": "dim", "cross_heads": "heads"}
 
     def __post_init__(self):
         super().__post_init__()
-        if self.cross_attn_dim % self.ca_heads:
-            raise ValueError(f"attention dim {self.cross_attn_dim} is not divisible by cross_heads={self.ca_heads}:"
+        if self.attn_dim % self.cross_heads:
+            raise ValueError(f"attention dim {self.attn_dim} is not divisible by cross_heads={self.cross_heads}:"
                              " choose cross_heads that divide it")
         if self.cross_attention not in CROSS_ATTENTION:
             raise ValueError(f"unknown cross_attention {self.cross_attention!r}: choose one of "
                              f"{', '.join(CROSS_ATTENTION)}")
-
-    @property
-    def tok_dim(self) -> int:
-        return self.token_dim or self.dim
-
-    @property
-    def cross_attn_dim(self) -> int:
-        return self.attn_dim or self.dim
-
-    @property
-    def ca_heads(self) -> int:
-        return self.cross_heads or self.heads
 
     @property
     def two_sided_last(self) -> bool:

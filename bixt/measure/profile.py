@@ -1,10 +1,10 @@
 """Profiling one model at one input size: MACs (fvcore and closed form), peak memory and throughput.
 
 What is measured, and how (BIXT-FACTS.md section 5 lists the traps this avoids):
-- MACs: `bixt.flops.count_macs` on CPU in float32 at batch 1 (MACs per sample, as published counts), with the
+- MACs: `bixt.measure.flops.count_macs` on CPU in float32 at batch 1 (MACs per sample, as published counts), with the
   attention handles, on the backend the model runs with (xformers, CUDA-only, is counted as sdpa: the same two
   calls); `gmacs_analytic` is the family's closed form for the same backend.
-- Peak memory: each mode runs in a FRESH process (`python -m bixt.profile`), so nothing another configuration
+- Peak memory: each mode runs in a FRESH process (`python -m bixt.measure.profile`), so nothing another configuration
   allocated or cached is reused. Before a measured step, free heap is returned to the OS and the peak is reset;
   the figure is the step's peak over the memory in use just before it. CPU: peak RSS (VmHWM, reset through
   /proc/self/clear_refs); CUDA: `max_memory_allocated` over `memory_allocated`. Two figures per mode:
@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
-from bixt.attention import BiDirectionalCrossAttention, check_backend, resolve_backend
-from bixt.flops import analytic_macs, count_macs
-from bixt.fused import fused_wins
-from bixt.registry import get_entry, resolve_config
+from bixt.nn.attention import BiDirectionalCrossAttention, check_backend, resolve_backend
+from bixt.measure.flops import analytic_macs, count_macs
+from bixt.nn.fused import fused_wins
+from bixt.models.registry import get_entry, model_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("cpu", "cuda")
@@ -125,7 +125,7 @@ def prepare(setup: Setup) -> Prepared:
         if not has_backends:
             raise ValueError(f"{setup.model} has no attention backends to choose from: leave out --backend")
         overrides["attn_backend"] = check_backend(setup.backend)
-    cfg = resolve_config(setup.model, **overrides)
+    cfg = model_config(setup.model, **overrides)
     with torch.device("meta"):  # cheap: checks the input length (e.g. a square grid for images) without weights
         model = get_entry(setup.model).build(cfg)
         model.tokenizer.example_input(1, setup.seq_len, device="meta")
@@ -148,7 +148,7 @@ def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = No
                overrides: dict | None = None) -> int:
     """The token count to profile at: --seq-len, or --img-size for an image model, or the model's default input
     (of its config with `overrides`)."""
-    cfg = resolve_config(model, **(overrides or {}))
+    cfg = model_config(model, **(overrides or {}))
     if img_size is None:
         return cfg.default_tokens if seq_len is None else seq_len
     if cfg.modality != "image":
@@ -300,7 +300,7 @@ def measure(setup: Setup, mode: str, plan: Plan = DEFAULT_PLAN, timeout: float |
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     try:
-        proc = subprocess.run([sys.executable, "-m", "bixt.profile", payload], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "bixt.measure.profile", payload], capture_output=True, text=True,
                               timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return failure("error", f"{mode}: timed out after {timeout:.0f} s")

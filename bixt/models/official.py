@@ -1,8 +1,84 @@
-"""Bridge to the authors' code (mrkshllr/BiXT, `timm/models/bixt.py`): their constructor arguments -> our config."""
+"""Bridge to the authors' code (mrkshllr/BiXT, `timm/models/bixt.py`): their checkpoint key layout (the BiXT
+families' `checkpoint_filter_fn`) and their constructor arguments -> our config."""
 from __future__ import annotations
 
-from bixt.configs import BiXTConfig
-from bixt.model import BiXT
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from bixt.models.bixt_configs import BiXTConfig
+
+POS_KEY = "tokenizer.pos_embed.pos"
+
+# (authors' fragment, ours) of dotted key paths; applied in order, reversed for export.
+_KEY_MAP = [
+    ("patch_embed.proj", "tokenizer.proj"),
+    ("fourier_pos_encode.token_projection", "tokenizer.pos_embed.proj"),
+    ("fourier_pos_encode.pos", POS_KEY),
+    ("blocks", "layers"),
+    ("self_attention_latents", "latent"),
+    ("cross_attention_latents_token", "cross"),
+    ("norm1_lat", "norm_lat"),
+    ("norm1_pat", "norm_tok"),
+    ("norm2_lat", "mlp_norm_lat"),
+    ("norm2_pat", "mlp_norm_tok"),
+    ("rv_latents", "rv_lat"),
+    ("r_latents", "r_lat"),
+    ("rv_patches", "rv_tok"),
+    ("proj_pat", "proj_tok"),
+    ("mlp_pat", "mlp_tok"),
+    ("ls1_pat", "ls1_tok"),
+    ("ls2_pat", "ls2_tok"),
+]
+
+
+def _fragment(frag: str) -> re.Pattern:
+    return re.compile(r"(?<![^.])" + re.escape(frag) + r"(?![^.])")  # whole dotted components only
+
+
+_TO_OURS = [(_fragment(a), b) for a, b in _KEY_MAP]
+_TO_OFFICIAL = [(_fragment(b), a) for a, b in reversed(_KEY_MAP)]
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def is_official_layout(state: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith(("blocks.", "patch_embed.", "fourier_pos_encode.")) for k in state)
+
+
+def official_to_bixt(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {_rename(k, _TO_OURS): v for k, v in state.items()}
+
+
+def bixt_to_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {_rename(k, _TO_OFFICIAL): v for k, v in state.items()}
+
+
+def checkpoint_filter_fn(state: dict[str, Tensor], model: nn.Module | None = None) -> dict[str, Tensor]:
+    """The BiXT families' checkpoint filter: the authors' key layout -> ours (detected), then, for `model`, the
+    stored positional grid: dropped for a model that recomputes its grid per input (the `_ft384` variants, as the
+    authors do), filled in when absent, and compared with the recomputed Fourier features when both are there.
+    `model=None`: rename the keys only."""
+    if is_official_layout(state):
+        state = official_to_bixt(state)
+    if model is None:
+        return state
+    own = model.state_dict()
+    if POS_KEY in state and POS_KEY not in own:
+        state.pop(POS_KEY)
+    elif POS_KEY in own:
+        stored, recomputed = state.setdefault(POS_KEY, own[POS_KEY]), own[POS_KEY]
+        comparable = stored.shape == recomputed.shape and not (stored.is_meta or recomputed.is_meta)
+        if comparable and not torch.allclose(stored.float(), recomputed.float(), atol=1e-5):
+            raise ValueError("the checkpoint's stored positional grid differs from the recomputed Fourier "
+                             "features: the file is corrupt or not a BiXT checkpoint")
+    return state
 
 # The authors' tokenizer classes (the start of `embed_layer`) -> stride as a fraction of the patch size.
 _STRIDE_DIVISOR = {"PatchEmbed": 1, "PatchEmbedHalfStride": 2, "PatchEmbedQuarterStride": 4}
@@ -61,6 +137,8 @@ def _known_args() -> set[str]:
         "ca_pat_mlp_ratio", "qkv_bias", "rv_bias", "init_values", "embed_layer", "posenc_type_pat"}
 
 
-def build_from_official_args(args: dict) -> BiXT:
+def build_from_official_args(args: dict) -> nn.Module:
     """This project's BiXT computing what the authors' `BiXT(**args)` computes (load their weights next)."""
+    from bixt.models.bixt import BiXT  # bixt.models.bixt registers this module's filter: import it late
+
     return BiXT(config_from_official_args(args))

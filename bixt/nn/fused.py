@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from bixt.layers import check_padding_mask, split_heads
+from bixt.nn.layers import check_padding_mask, split_heads
 
 # A latent whose softmax denominator (relative to its head's offset) falls below this has lost precision to
 # underflow in the shared-exp forward: recompute the latents with per-latent offsets.
@@ -88,23 +88,6 @@ def fused_wins(r_lat: Tensor, r_tok: Tensor, training: bool | None = None) -> bo
         training = torch.is_grad_enabled() and (r_lat.requires_grad or r_tok.requires_grad)
     return (r_lat.device.type == "cpu" and r_lat.dtype in (torch.float32, torch.float64)
             and r_tok.shape[0] * r_tok.shape[2] >= _AUTO_MIN_TOKENS[training])
-
-
-def fvcore_handle(inputs, outputs) -> int:
-    """fvcore op handle for FVCORE_OP: MACs of one call from the traced input shapes.
-
-    jit records only the tensor arguments: r_lat, [v_lat], then r_tok and v_tok (4-D) or packed_tok (3-D, both
-    halves), then [padding_mask]; four token-or-latent operands mean two-sided. Register with
-    `FlopCountAnalysis(...).set_op_handle(FVCORE_OP, fvcore_handle)`.
-    """
-    shapes = [v.type().sizes() for v in inputs if v.isCompleteTensor()]
-    four, packed = [s for s in shapes if len(s) == 4], [s for s in shapes if len(s) == 3]
-    operands = len(four) + 2 * len(packed)
-    if not four or len(packed) > 1 or operands not in (3, 4):
-        raise ValueError(f"{FVCORE_OP} traced with {len(shapes)} complete inputs of unexpected ranks: "
-                         "trace with concrete tensors")
-    (B, H, M, d), N = four[0], packed[0][1] if packed else four[-1][2]
-    return fused_macs(B, H, M, N, d, two_sided=operands == 4)
 
 
 def _rows(x: Tensor, n0: int, n1: int, buf: Tensor | None = None) -> Tensor | None:
@@ -285,7 +268,7 @@ class FusedBiDirectionalAttention(torch.autograd.Function):
     """(r_lat, v_lat | None, r_tok, v_tok, packed_tok, padding_mask | None, scale, chunk) -> (latent update, token
     update | None); either r_tok and v_tok or packed_tok (see `fused_bidirectional_attention`) is None.
 
-    Shapes as `bixt.attention.bidirectional_attention`; the token update is a (B, H, N, d) view of (B, N, H, d)
+    Shapes as `bixt.nn.attention.bidirectional_attention`; the token update is a (B, H, N, d) view of (B, N, H, d)
     memory. Token ranges run in parallel threads (`_run`); the latents' partial sums are merged at the end.
     """
 
@@ -357,10 +340,6 @@ class FusedBiDirectionalAttention(torch.autograd.Function):
         return g_rlat, None if v_lat is None else g_vlat, *g_tok, None, None, None
 
 
-# How the op appears in a jit trace (fvcore's name for a custom autograd.Function).
-FVCORE_OP = f"prim::PythonOp.{FusedBiDirectionalAttention.__name__}"
-
-
 def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat=None, tok=None, accumulate=False):
     """The gradients of the latents' and/or the tokens' direction over tokens n_a:n_b, one block at a time.
 
@@ -428,7 +407,7 @@ def fused_bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Te
 
     r_lat, v_lat: (B, H, M, d), v_lat None for the one-sided form; r_tok, v_tok: (B, H, N, d); padding_mask (B, N)
     bool, True marking padding. `chunk` overrides the tokens per chunk (default: `chunk_size`). `packed_tok`: the
-    (B, N, 2 * H * d) projection r_tok and v_tok are `bixt.layers.split_heads` of; given, the op takes it as its
+    (B, N, 2 * H * d) projection r_tok and v_tok are `bixt.nn.layers.split_heads` of; given, the op takes it as its
     input and returns its gradient whole, written in place, instead of two gradients that autograd would stack
     and copy (100 MB each at 65k tokens, H * d = 192).
     """
@@ -442,7 +421,7 @@ def fused_bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Te
         if not all(a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
                    for a, b in zip(halves, (r_tok, v_tok), strict=True)):
             raise ValueError("packed_tok must be the tensor r_tok and v_tok were split from by "
-                             "bixt.layers.split_heads(packed_tok, 2, heads); pass packed_tok=None otherwise")
+                             "bixt.nn.layers.split_heads(packed_tok, 2, heads); pass packed_tok=None otherwise")
         r_tok = v_tok = None
     dtype = r_lat.dtype
     if dtype in (torch.float16, torch.bfloat16):  # running sums need float32; the inputs are cast per call

@@ -86,3 +86,13 @@ def scaled(dim: int, layerscale: float | None) -> nn.Module:
 
 def layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth per block: linear from 0 at the first block to `rate` at the last (as timm)."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def classifier(dim: int, num_classes: int) -> nn.Module:
+    """The classification head: Linear, or Identity for num_classes=0 (features only, as timm)."""
+    return nn.Linear(dim, num_classes) if num_classes else nn.Identity()

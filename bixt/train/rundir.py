@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bixt.atomic import atomic_path, atomic_write
+from bixt.io.atomic import atomic_path, atomic_write
 
 CONFIG, METRICS, CURVES, SUMMARY = "config.yaml", "metrics.csv", "curves.png", "summary.json"
 LAST, STATE, BEST = "last.safetensors", "last.state.pt", "best.safetensors"
@@ -41,7 +41,7 @@ def weights_crc(state: Mapping[str, Tensor]) -> int:
 
 
 def save_best(run: Path, weights: Mapping[str, Tensor]) -> None:
-    from bixt.checkpoint import save_weights
+    from bixt.io.checkpoint import save_weights
 
     save_weights(weights, run / BEST)
 
@@ -49,7 +49,7 @@ def save_best(run: Path, weights: Mapping[str, Tensor]) -> None:
 def save_checkpoint(run: Path, weights: Mapping[str, Tensor], state: dict) -> None:
     """last.safetensors + last.state.pt. The state is fully written before the weights are replaced and
     renamed right after them, so the pair on disk is always either the old or the new one (CRC-checked)."""
-    from bixt.checkpoint import save_weights
+    from bixt.io.checkpoint import save_weights
 
     weights = {k: v.detach().cpu() for k, v in weights.items()}
     buf = io.BytesIO()
@@ -61,7 +61,7 @@ def save_checkpoint(run: Path, weights: Mapping[str, Tensor], state: dict) -> No
 
 def load_checkpoint_state(run: Path) -> tuple[dict[str, Tensor], dict]:
     """The weights and the state of `run`'s last checkpoint, checked to belong together. Never unpickles code."""
-    from bixt.checkpoint import read_state_dict, refusal
+    from bixt.io.checkpoint import read_state_dict, refusal
 
     path = run / STATE
     if not path.is_file():

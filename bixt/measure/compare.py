@@ -2,7 +2,7 @@
 
 Per configuration: the closed-form MACs and the step times measured so far predict its time (`StepModel`). It is
 counted (fvcore) when one forward fits the budget, and each mode (infer, train) runs in a fresh process
-(`bixt.profile.measure`) unless its prediction would take the configuration past the budget: then that mode is
+(`bixt.measure.profile.measure`) unless its prediction would take the configuration past the budget: then that mode is
 `skipped`, with the prediction in the message. OOM and errors are recorded in the row (status and message) and the
 sweep goes on. After every row results.csv and results.json are rewritten atomically (a temporary file, then a
 rename), so a killed sweep leaves every finished row in two valid files. At the end: exponents.csv (log-log slope
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bixt.atomic import atomic_write
-from bixt.flops import analytic_macs, count_macs
-from bixt.profile import (
+from bixt.io.atomic import atomic_write
+from bixt.measure.flops import analytic_macs, count_macs
+from bixt.measure.profile import (
     DEFAULT_PLAN,
     MODES,
     Plan,
@@ -37,7 +37,7 @@ from bixt.profile import (
     mode_columns,
     prepare,
 )
-from bixt.registry import families, get_entry, list_models
+from bixt.models.registry import families, get_entry, list_models
 
 DEFAULT_MODEL = "bixt_ti_l64_p16"
 DEFAULT_SEQ_LENS = (256, 1024, 4096, 16384)
@@ -220,7 +220,7 @@ def run_sweep(sweep: Sweep, out: Path, runner: Runner = measure, counter: Counte
               ) -> list[dict]:
     """Run every (length, model) in order of length, writing each row as it finishes; returns the rows.
 
-    `runner(setup, mode, plan, timeout)` and `counter(prepared)` are `bixt.profile.measure` and `count` (tests pass
+    `runner(setup, mode, plan, timeout)` and `counter(prepared)` are `bixt.measure.profile.measure` and `count` (tests pass
     cheap fakes). A mode's fresh process is stopped after 3 x the budget.
     """
     check_sweep(sweep)

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from bixt.listops import MIN_LENGTH as LISTOPS_MIN_LENGTH
-from bixt.listops import make_expression
-from bixt.shapes import SHAPES, make_shape, random_rotation
+from bixt.data.listops import MIN_LENGTH as LISTOPS_MIN_LENGTH
+from bixt.data.listops import make_expression
+from bixt.data.shapes import SHAPES, make_shape, random_rotation
 
 SPECS = ("digits", "shapes[:points=N,train=N,test=N,seed=N]", "imagefolder:PATH", "cifar10:PATH", "cifar100:PATH",
          "modelnet40:PATH", "listops[:length=N,train=N,test=N,depth=N,seed=N]", "textfolder:PATH")

@@ -1,0 +1,2 @@
+"""Measurement: MAC counting with every fvcore handle in one module (flops.py), `bixt profile` (profile.py) and the
+scaling sweep of `bixt compare` (compare.py). Depends on bixt.nn, bixt.models and bixt.io only."""
