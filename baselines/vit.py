@@ -133,9 +133,9 @@ def is_timm_vit_layout(state: Mapping[str, Tensor]) -> bool:
 
 
 def checkpoint_filter_fn(state: dict[str, Tensor], model: nn.Module | None = None) -> dict[str, Tensor]:
-    """timm's class-token ViT (e.g. deit_tiny_patch16_224) -> this ViT, when the keys are timm's (else unchanged): the position table is split into the
-    class token's entry and the patch grid's, the patch embedding moves under the tokenizer; blocks, norm and head
-    keep their names (the same fused qkv layout: parts, heads, head_dim)."""
+    """timm's class-token ViT (e.g. deit_tiny_patch16_224) -> this ViT, when the keys are timm's (else unchanged):
+    the position table is split into the class token's entry and the patch grid's, the patch embedding moves under
+    the tokenizer; blocks, norm and head keep their names (the same fused qkv layout: parts, heads, head_dim)."""
     if not is_timm_vit_layout(state):
         return state
     other = [k for k in ("dist_token", "reg_token", "head_dist.weight", "fc_norm.weight") if k in state]

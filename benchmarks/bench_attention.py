@@ -7,8 +7,9 @@ throughput at 16,384 tokens against the authors' formulation. A benchmark script
 
 Every backend runs in the same process, round-robin (repeat 1 of each, then repeat 2, ...), so a change in the
 machine's load hits all of them alike; medians are reported. Peak memory is measured in a fresh subprocess per
-backend: the peak resident set (VmHWM, reset through /proc/self/clear_refs; ru_maxrss where that is not possible)
-minus the resident set just before the call, with inputs and cotangents already allocated.
+backend (`bixt.measure.memory.PeakMemory`, the profiler's probe): the peak resident set (VmHWM, reset through
+/proc/self/clear_refs; ru_maxrss where that is not possible) minus the resident set just before the call, with
+inputs and cotangents already allocated.
 
 `kept MB` is what a forward keeps for its backward beyond its inputs, parameters and outputs (saved-tensor hooks):
 the memory a training network holds per attention layer until its backward pass.
@@ -33,6 +34,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bixt.io.atomic import atomic_write
+from bixt.measure.memory import PeakMemory
 from bixt.nn.attention import BiDirectionalCrossAttention, bidirectional_attention
 
 BACKENDS = ("math", "sdpa", "fused")
@@ -104,34 +107,14 @@ def make_infer_step(level, backend, shape):
     return step
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{key} not in /proc/self/status")
-
-
 def child_memory(level: str, backend: str, shape) -> dict:
     """Run in a fresh process: peak resident memory of one forward + backward above the pre-call baseline."""
     B, H, M, N, d = shape
     make_step(level, backend, (1, H, M, 256, d))()  # load the libraries' code and thread pools on a tiny problem
     step = make_step(level, backend, shape)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        reset = True
-    except OSError:
-        reset = False
-    base = _status("VmRSS:")
-    step()
-    if reset:
-        peak = _status("VmHWM:")
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_mb": (peak - base) / 2**20, "hwm_reset": reset}
+    with PeakMemory(torch.device("cpu")) as mem:
+        step()
+    return {"peak_mb": mem.peak_mib, "hwm_reset": mem.hwm_reset}
 
 
 def measure_memory(level: str, backend: str, shape) -> dict:
@@ -193,17 +176,13 @@ def child_model_time(name: str, img: int, run: str, iters: int) -> dict:
 
 
 def model_benchmark(name: str, img: int, repeats: int, iters: int = 3) -> dict:
-    from fvcore.nn import FlopCountAnalysis
-
     from bixt import create_model
+    from bixt.measure.flops import ARCHITECTURE_BACKEND, count_macs
 
     model = create_model(name, img_size=img).eval()
     x = torch.randn(1, 3, img, img)
-    with torch.inference_mode():
-        # The math backend is plain matmuls, so fvcore sees every MAC (as on the authors' model).
-        flops = FlopCountAnalysis(model.set_backend("math"), x).tracer_warnings("none")
-        flops.unsupported_ops_warnings(False)
-        macs = flops.total()
+    # The architecture's count (one similarity matrix, as on the authors' model), as `bixt profile`'s gmacs.
+    macs = count_macs(model.set_backend(ARCHITECTURE_BACKEND), x).total
     tokens = (img // model.cfg.stride) ** 2
     del model
     times = {b: [] for b in MODEL_RUNS}
@@ -249,9 +228,7 @@ def crossover(H: int, M: int, d: int, repeats: int, out: Path) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # never a half-written result
+    atomic_write(path, json.dumps(data, indent=2).encode())
 
 
 def main(argv=None) -> None:

@@ -13,6 +13,9 @@ from typer.core import TyperCommand
 from bixt_cli.app import MODEL_ARG_HELP, app, console, parse_model_args, user_errors
 
 LIST_OPTIONS = ("--models", "--baselines", "--seq-lens")
+GMACS_NOTE = ("gmacs: the architecture's count, one similarity matrix per layer as published, whatever the backend; "
+              "gmacs_executed: what the backend that ran computes, counted on macs_backend (sdpa builds BiXT's "
+              "similarity matrix twice).")
 
 
 def join_list_values(args: list[str], options: tuple[str, ...] = LIST_OPTIONS) -> list[str]:
@@ -107,6 +110,7 @@ def profile(
         return
     rows = [{"metric": k, "value": v} for k, v in report.items() if not k.endswith("_message") or v]
     console.print(_table(f"{model} at {setup.seq_len} tokens, batch {batch_size}", rows, ["metric", "value"]))
+    console.print(GMACS_NOTE)
 
 
 @app.command(cls=ListOptions)
@@ -146,14 +150,17 @@ def compare(
         def on_row(row: dict) -> None:
             bar.advance(task)
             bar.console.print(f"  {row['model']:<22} {row['seq_len']:>6}  {row['status']:<7} "
-                              f"GMACs {_fmt(row['gmacs'])}  infer {_fmt(row['infer_samples_per_sec'])} samples/s"
+                              f"GMACs {_fmt(row['gmacs'])} (executed {_fmt(row['gmacs_executed'])} on "
+                              f"{row['macs_backend'] or '-'})  infer {_fmt(row['infer_samples_per_sec'])} samples/s"
                               f"  {row['message']}", highlight=False, markup=False)
 
         rows = cmp.run_sweep(sweep, out, on_row=on_row,
                              on_start=lambda m, n: bar.update(task, description=f"{m} @ {n} tokens"))
-    console.print(_table("results", rows, ["model", "seq_len", "status", "gmacs", "gmacs_analytic",
-                                           "infer_samples_per_sec", "infer_peak_mem_mib", "infer_act_mem_mib",
-                                           "train_step_ms", "train_peak_mem_mib", "predicted_s", "message"]))
+    console.print(_table("results", rows,
+                         ["model", "seq_len", "status", "gmacs", "gmacs_analytic", "gmacs_executed", "macs_backend",
+                          "infer_samples_per_sec", "infer_peak_mem_mib", "infer_act_mem_mib", "train_step_ms",
+                          "train_peak_mem_mib", "predicted_s", "message"]))
+    console.print(GMACS_NOTE)
     exps = cmp.exponents(rows, fit_from)
     console.print(_table(f"fitted exponents (log-log slope vs length, lengths >= {fit_from} where possible)", exps,
                          ["model", "metric", "exponent", "r2", "points", "from_len", "to_len"]))

@@ -7,16 +7,29 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand
 
 from bixt_cli.app import MODEL_ARG_HELP, app, console, err_console, parse_model_args, user_errors
 
 
-@app.command("train")
+class _TrainCommand(TyperCommand):
+    """Lists the data kinds in --data's help when the help is shown: bixt.data imports torch, which would slow
+    every `bixt` command if it were read at start-up."""
+
+    def format_help(self, ctx, formatter):
+        from bixt.data import SPECS
+
+        for param in self.params:
+            if param.name == "data":  # a space after each comma lets a narrow terminal wrap the long specs
+                param.help = f"{' | '.join(s.replace(',', ', ') for s in SPECS)} (default digits)."
+        return super().format_help(ctx, formatter)
+
+
+@app.command("train", cls=_TrainCommand)
 @user_errors
 def train_command(
     model: str = typer.Option(None, help="Registered model (bixt models); default: the data's own (bixt_digits)."),
-    data: str = typer.Option(None, help="digits | shapes[:points=N] | imagefolder:PATH | cifar10:PATH | "
-                                        "cifar100:PATH | modelnet40:PATH (default digits)."),
+    data: str = typer.Option(None, help="A data spec (the kinds are listed when this help is shown)."),
     epochs: int = typer.Option(None, help="Epochs (default 40)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Global batch, split over the processes (default 64)."),
     lr: float = typer.Option(None, help="Peak AdamW learning rate (default 0.002)."),

@@ -1,16 +1,16 @@
 """Baselines and ablations: published sizes, every modality through one forward contract, backends agree."""
 import pytest
 import torch
+from bixt_baselines.perceiver import FourierConcatTokenizer, PerceiverConfig
+from bixt_baselines.vit import LearnedPosEmbed2d, ViTConfig, resample_pos_embed
 from conftest import assert_padding_changes_nothing
 from typer.testing import CliRunner
 
-from bixt_baselines.perceiver import FourierConcatTokenizer, PerceiverConfig
-from bixt_baselines.vit import LearnedPosEmbed2d, ViTConfig, resample_pos_embed
 from bixt import create_model
-from bixt.nn.attention import BiDirectionalCrossAttention, SequentialCrossAttention
 from bixt.models import BiXTConfig
 from bixt.models.blocks import CrossBlock
 from bixt.models.registry import count_params, families, list_models
+from bixt.nn.attention import BiDirectionalCrossAttention, SequentialCrossAttention
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -280,8 +280,7 @@ def timm_vit_reference(sd: dict, x: torch.Tensor, depth: int, heads: int, patch:
 def test_timm_vit_weights_load_and_compute_what_timm_computes(tmp_path):
     """A timm-layout checkpoint (random weights, DeiT's {'model': ...} wrapper) through `bixt eval`'s loader gives
     the logits of timm's forward written out independently; distilled DeiT is refused with a clear error."""
-    from bixt.io.checkpoint import save_weights
-    from bixt.io.checkpoint import load_checkpoint
+    from bixt.io.checkpoint import load_checkpoint, save_weights
 
     depth, heads, D, patch, img, classes = 2, 2, 32, 8, 32, 7
     g = torch.Generator().manual_seed(0)

@@ -9,8 +9,7 @@ from conftest import tiny_config
 
 from bixt import BiXT, create_model, load_checkpoint, save_weights
 from bixt.io.checkpoint import read_state_dict
-from bixt.models.official import bixt_to_official, official_to_bixt
-from bixt.models.official import build_from_official_args
+from bixt.models.official import bixt_to_official, build_from_official_args, official_to_bixt
 
 
 def test_official_layout_round_trips_and_has_the_authors_keys():
@@ -60,17 +59,18 @@ def test_every_container_loads(tmp_path, layout, container):
 
 
 class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/bixt_pwned_marker",))
+        return (os.system, (f"touch '{self.marker}'",))
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, writer):
-    marker = "/tmp/bixt_pwned_marker"
-    if os.path.exists(marker):
-        os.remove(marker)
+    marker = tmp_path / "pwned"  # fresh per test: no leftover file can make the check pass or fail
     path = tmp_path / "evil.pt"
-    payload = {"state_dict": {"w": Exploit()}}
+    payload = {"state_dict": {"w": Exploit(marker)}}
     if writer == "torch.save":
         torch.save(payload, path)
     else:

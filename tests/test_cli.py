@@ -25,9 +25,26 @@ def test_models_table_and_json():
     assert perceiver["family"] == "perceiver" and perceiver["gmacs"] > 0 and perceiver["latents"] == 64
 
 
-def test_help_lists_commands():
+def test_help_lists_every_command_and_each_command_has_help():
     result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0 and "models" in result.output
+    assert result.exit_code == 0, result.output
+    commands = {"train", "eval", "profile", "compare", "models"}
+    listed = {ln.split()[1] for ln in result.output.splitlines() if ln.startswith("│ ") and len(ln.split()) > 2}
+    assert commands <= listed, result.output
+    for command in commands:
+        sub = runner.invoke(app, [command, "--help"])
+        assert sub.exit_code == 0 and "Usage: " in sub.output and "--" in sub.output, sub.output
+
+
+def test_train_help_names_every_data_kind():
+    from bixt.data import SPECS
+
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    text = " ".join(result.output.replace("│", " ").split())
+    kinds = {spec.split("[")[0].split(":")[0] for spec in SPECS}
+    assert {"digits", "shapes", "imagefolder", "listops", "textfolder"} <= kinds
+    for kind in kinds:
+        assert kind in text, f"--data help omits {kind}"
 
 
 def test_bad_input_is_one_line_exit_2():

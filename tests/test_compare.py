@@ -62,14 +62,20 @@ def test_step_model_predicts_from_the_line_through_measured_steps():
     expected = 0.25 + cmp.PROCESS_OVERHEAD_S + 4 * 0.25 + cmp.PROCESS_OVERHEAD_S + 4 * 1.2
     assert steps.config_s("m", 4.0, 1, ("infer", "train"), PLAN) == pytest.approx(expected)
     assert cmp.StepModel().config_s("m", 4.0, 1, ("infer",), PLAN) is None  # nothing measured yet: just run it
+    # sdpa on BiXT counts twice (the architecture, then what runs); 0: counted before the prediction
+    assert steps.config_s("m", 4.0, 1, ("infer", "train"), PLAN, count_traces=2) == pytest.approx(expected + 0.25)
+    assert steps.config_s("m", 4.0, 1, ("infer", "train"), PLAN, count_traces=0) == pytest.approx(expected - 0.25)
 
 
 def fake_count(prep):
+    """`count`'s columns from the closed forms: the architecture's (math) and the executed backend's."""
     from bixt.measure.flops import analytic_macs
 
-    closed = analytic_macs(prep.family, prep.config, prep.setup.seq_len, prep.count_backend)
+    closed = analytic_macs(prep.family, prep.config, prep.setup.seq_len, "math")
+    executed = analytic_macs(prep.family, prep.config, prep.setup.seq_len, prep.count_backend)
     return {"gmacs": closed.total / 1e9, "gmacs_analytic": closed.total / 1e9, "gmacs_attention": 0.0,
-            "gmacs_rest": closed.total / 1e9, "unsupported_ops": {}, "macs_backend": prep.count_backend}
+            "gmacs_rest": closed.total / 1e9, "gmacs_executed": executed.total / 1e9,
+            "unsupported_ops": {}, "macs_backend": prep.count_backend}
 
 
 def fake_runner(setup, mode, plan, timeout):
@@ -112,10 +118,16 @@ def test_sweep_records_skipped_oom_and_error_rows_and_goes_on(tmp_path):
     assert [(r["model"], r["seq_len"], r["status"]) for r in saved] == [(r["model"], r["seq_len"], r["status"])
                                                                        for r in rows]
     with open(tmp_path / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 15
+        csv_rows = list(csv.DictReader(f))
+        assert len(csv_rows) == 15
+    assert {"gmacs", "gmacs_executed", "macs_backend"} <= set(csv_rows[0])
+    bixt_256 = status["bixt_ti_l64_p16", 256]  # auto runs sdpa here: one similarity matrix more per layer
+    assert bixt_256["macs_backend"] == "sdpa" and bixt_256["gmacs_executed"] > bixt_256["gmacs"]
+    assert status["vit_ti_p16", 256]["gmacs_executed"] == status["vit_ti_p16", 256]["gmacs"]
     exps = {(r["model"], r["metric"]): float(r["exponent"]) for r in csv.DictReader(open(tmp_path / "exponents.csv"))}
     assert exps["bixt_ti_l64_p16", "infer_peak_mem_mib"] == pytest.approx(1.0)
     assert 1.5 < exps["vit_ti_p16", "gmacs"] < 2.0  # counted at every length, even where the runs failed
+    assert ("bixt_ti_l64_p16", "gmacs_executed") in exps
     for name in cmp.PLOTS:
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     ratios = {(r["model"], r["seq_len"]): r for r in cmp.ratios(rows)}
@@ -134,6 +146,7 @@ def test_quick_total_budget_stops_the_sweep(tmp_path):
     assert rows[-1]["message"] == "the sweep's total time budget is spent" and rows[-1]["gmacs_analytic"] > 0
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_keeps_every_finished_row(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
@@ -210,6 +223,7 @@ def test_compare_cli_unwritable_out_and_cuda(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "CUDA is not available" in result.output and not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_compare_cli_runs_a_small_sweep(tmp_path, monkeypatch):
     """The real path (fvcore counts, fresh processes) at one short length; published counts are tested elsewhere."""
     monkeypatch.setattr(cmp, "published_counts", lambda **kwargs: [])
@@ -220,6 +234,8 @@ def test_compare_cli_runs_a_small_sweep(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())
     assert [(r["model"], r["seq_len"]) for r in rows] == [("bixt_ti_l64_p16", 16), ("vit_ti_p16", 16)]
+    assert rows[0]["macs_backend"] == "sdpa" and rows[0]["gmacs_executed"] > rows[0]["gmacs"]
+    assert rows[1]["gmacs_executed"] == rows[1]["gmacs"]
     for r in rows:
         assert r["gmacs"] == pytest.approx(r["gmacs_analytic"], rel=0.02) and r["unsupported_ops"] == {}
         assert r["status"] == "ok" and r["infer_samples_per_sec"] > 0 and r["train_status"] == "not run"

@@ -11,6 +11,7 @@ from test_train import ENV, TINY, columns, max_diff
 from bixt.train import train
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     opts = {**TINY, "model_args": {"dim": 32, "depth": 2, "num_latents": 8, "heads": 2}, "epochs": 1}
     threads = torch.get_num_threads()

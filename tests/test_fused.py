@@ -4,8 +4,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bixt.nn.fused as fused
-from bixt.nn.attention import BiDirectionalCrossAttention, bidirectional_attention
 from bixt.measure.flops import FUSED_OP, fused_flop_jit
+from bixt.nn.attention import BiDirectionalCrossAttention, bidirectional_attention
 from bixt.nn.fused import chunk_size, fused_bidirectional_attention, fused_macs
 
 

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from bixt import create_model
 from bixt.data import PAD_ID, DataSpec, build_data, parse_spec
-from bixt.train.engine import predict
 from bixt.data.listops import MIN_LENGTH, evaluate, make_expression
+from bixt.train.engine import predict
 from bixt_cli.main import app
 
 runner = CliRunner()

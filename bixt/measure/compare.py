@@ -7,6 +7,11 @@ counted (fvcore) when one forward fits the budget, and each mode (infer, train) 
 sweep goes on. After every row results.csv and results.json are rewritten atomically (a temporary file, then a
 rename), so a killed sweep leaves every finished row in two valid files. At the end: exponents.csv (log-log slope
 per model and metric, with R^2), ratios.csv (the first model against each other one) and three log-log PNG plots.
+
+`gmacs` is the architecture's count (one similarity matrix per layer, the paper's convention; see
+`bixt.measure.profile.count`), the same whichever backend runs: the time prediction, the GMACs plot's first panel
+and the `gmacs` exponent use it. `gmacs_executed` (on `macs_backend`) is what the backend that ran computes; it
+has its own exponent and the plot's second panel.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bixt.io.atomic import atomic_write
-from bixt.measure.flops import analytic_macs, count_macs
+from bixt.measure.flops import ARCHITECTURE_BACKEND, analytic_macs, count_macs
 from bixt.measure.profile import (
     DEFAULT_PLAN,
     MODES,
@@ -52,12 +57,13 @@ PUBLISHED = {
     "vit_ti_p16": (1.26, 5_717_416),
 }
 # Metrics fitted and plotted against the sequence length; the mode's status must be ok for its metrics.
-METRICS = ("gmacs", "infer_step_ms", "train_step_ms", "infer_samples_per_sec", "train_samples_per_sec",
-           "infer_peak_mem_mib", "train_peak_mem_mib", "infer_act_mem_mib", "train_act_mem_mib")
+METRICS = ("gmacs", "gmacs_executed", "infer_step_ms", "train_step_ms", "infer_samples_per_sec",
+           "train_samples_per_sec", "infer_peak_mem_mib", "train_peak_mem_mib", "infer_act_mem_mib",
+           "train_act_mem_mib")
 PROCESS_OVERHEAD_S = 3.0  # starting a fresh Python with torch and building the model, for the time prediction
 COLUMNS = ("model", "family", "seq_len", "img_size", "batch_size", "device", "dtype", "backend", "status", "message",
            "predicted_s", "elapsed_s", "param_count", "gmacs", "gmacs_analytic", "gmacs_attention", "gmacs_rest",
-           "macs_backend", "unsupported_ops",
+           "gmacs_executed", "macs_backend", "unsupported_ops",
            *(f"{m}_{k}" for m in MODES for k in ("status", "message", "peak_mem_mib", "act_mem_mib",
                                                   "samples_per_sec", "tokens_per_sec", "step_ms", "iters")),
            "torch_version", "threads")
@@ -171,7 +177,11 @@ def extrapolate(points: list[tuple[float, float]], macs: float) -> float:
 
 
 class StepModel:
-    """The step times measured so far, per model and mode, and what they predict for a configuration not yet run."""
+    """The step times measured so far, per model and mode, and what they predict for a configuration not yet run.
+
+    Times are fitted against the architecture's count (`gmacs`), which the closed form gives before anything runs,
+    whatever the backend; a backend's extra work (sdpa's second similarity matrix) grows with the tokens as the rest
+    does, so the line fitted through a model's measured steps absorbs it."""
 
     def __init__(self):
         self.points: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -196,10 +206,10 @@ class StepModel:
         return None if step is None else PROCESS_OVERHEAD_S + step * sum(plan.steps(step))
 
     def config_s(self, model: str, gmacs: float, batch_size: int, modes: tuple[str, ...], plan: Plan,
-                 with_count: bool = True) -> float | None:
-        """Seconds a configuration takes: the fvcore count (one forward at batch 1) and each mode. None while a
-        mode has nothing to predict from."""
-        total = (self.step_s(model, "infer", gmacs * 1e9) or 0.0) if with_count else 0.0
+                 count_traces: int = 1) -> float | None:
+        """Seconds a configuration takes: the fvcore count (`count_traces` forwards at batch 1; 0: counted already)
+        and each mode. None while a mode has nothing to predict from."""
+        total = count_traces * (self.step_s(model, "infer", gmacs * 1e9) or 0.0)
         for mode in modes:
             seconds = self.mode_s(model, mode, gmacs, batch_size, plan)
             if seconds is None:
@@ -220,8 +230,8 @@ def run_sweep(sweep: Sweep, out: Path, runner: Runner = measure, counter: Counte
               ) -> list[dict]:
     """Run every (length, model) in order of length, writing each row as it finishes; returns the rows.
 
-    `runner(setup, mode, plan, timeout)` and `counter(prepared)` are `bixt.measure.profile.measure` and `count` (tests pass
-    cheap fakes). A mode's fresh process is stopped after 3 x the budget.
+    `runner(setup, mode, plan, timeout)` and `counter(prepared)` are `bixt.measure.profile.measure` and `count`
+    (tests pass cheap fakes). A mode's fresh process is stopped after 3 x the budget.
     """
     check_sweep(sweep)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,6 +251,15 @@ def run_sweep(sweep: Sweep, out: Path, runner: Runner = measure, counter: Counte
     return writer.rows
 
 
+def _skip_all(row: dict, sweep: Sweep, message: str, t0: float) -> dict:
+    """The row of a configuration that does not run at all: skipped, every mode too."""
+    row.update(status="skipped", message=message)
+    for mode in sweep.modes:
+        row.update(mode_columns(mode, failure("skipped", "")))
+    row["elapsed_s"] = time.perf_counter() - t0
+    return row
+
+
 def run_config(sweep: Sweep, model: str, n: int, steps: StepModel, runner: Runner, counter: Counter,
                budget_s: float) -> dict:
     """One row. Its count runs when one forward fits the budget; each mode runs unless its predicted time, added to
@@ -257,27 +276,19 @@ def run_config(sweep: Sweep, model: str, n: int, steps: StepModel, runner: Runne
         except Exception as e:  # noqa: BLE001 -- recorded as the row's error; the sweep goes on
             row.update(status="oom" if is_oom(e) else "error", message=f"count: {type(e).__name__}: {e}")
 
-    closed = analytic_macs(prep.family, prep.config, n, prep.count_backend or "math")
+    closed = analytic_macs(prep.family, prep.config, n, ARCHITECTURE_BACKEND)
     row["gmacs_analytic"] = None if closed is None else closed.total / 1e9
     if closed is None:  # no closed form: the count comes first and is the prediction's basis
         count_into_row()
     gmacs = row["gmacs_analytic"] or row["gmacs"]
     if budget_s <= 0:  # --quick's total is spent: record the rest of the sweep without running it
-        row.update(status="skipped", message="the sweep's total time budget is spent")
-        for mode in sweep.modes:
-            row.update(mode_columns(mode, failure("skipped", "")))
-        row["elapsed_s"] = time.perf_counter() - t0
-        return row
+        return _skip_all(row, sweep, "the sweep's total time budget is spent", t0)
     if gmacs is not None:
-        row["predicted_s"] = steps.config_s(model, gmacs, sweep.batch_size, sweep.modes, sweep.plan,
-                                            with_count=closed is not None)
-        count_s = steps.step_s(model, "infer", gmacs * 1e9)
-        if closed is not None and count_s is not None and count_s > budget_s:
-            row.update(status="skipped", message=f"count: predicted {count_s:.0f} s > budget {budget_s:.0f} s")
-            for mode in sweep.modes:
-                row.update(mode_columns(mode, failure("skipped", "")))
-            row["elapsed_s"] = time.perf_counter() - t0
-            return row
+        traces = prep.count_traces if closed is not None else 0
+        row["predicted_s"] = steps.config_s(model, gmacs, sweep.batch_size, sweep.modes, sweep.plan, traces)
+        count_s = traces * (steps.step_s(model, "infer", gmacs * 1e9) or 0.0)
+        if count_s > budget_s:
+            return _skip_all(row, sweep, f"count: predicted {count_s:.0f} s > budget {budget_s:.0f} s", t0)
         if closed is not None:
             count_into_row()
     results = {}
@@ -342,10 +353,12 @@ def exponents(rows: list[dict], fit_from: int = 1024) -> list[dict]:
     return table
 
 
-PLOTS = {"gmacs.png": ("GMACs per sample", ("gmacs",)),
+PLOTS = {"gmacs.png": ("GMACs per sample", ("gmacs", "gmacs_executed")),
          "memory.png": ("Peak memory over the post-creation baseline (MiB)",
                         ("infer_peak_mem_mib", "train_peak_mem_mib")),
          "throughput.png": ("Throughput (samples/s)", ("infer_samples_per_sec", "train_samples_per_sec"))}
+PANEL_TITLES = {"gmacs": "architecture (one similarity matrix per layer)",
+                "gmacs_executed": "executed (the backend that ran)"}
 
 
 def plot(rows: list[dict], exps: list[dict], out: Path) -> list[Path]:
@@ -368,7 +381,7 @@ def plot(rows: list[dict], exps: list[dict], out: Path) -> list[Path]:
                     label = model if k is None else f"{model} (slope {k:.2f})"
                     ax.plot(*zip(*pts, strict=True), marker="o", label=label)
             ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel=ylabel,
-                   title=metric.split("_", 1)[0] if len(metrics) > 1 else ylabel)
+                   title=PANEL_TITLES.get(metric, metric.split("_", 1)[0]) if len(metrics) > 1 else ylabel)
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)

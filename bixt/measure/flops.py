@@ -12,9 +12,11 @@ matmuls; on `sdpa` fvcore sees `aten::scaled_dot_product_attention` (or a kernel
 0 without the handle here; the `fused` backend is one autograd.Function (prim::PythonOp), counted by its handle
 here. BiXT's two-sided attention computes its similarity matrix once on `math` and `fused` and twice on
 `sdpa` (two one-way calls), so the backends differ by M * N * d_attn per two-sided layer, and each count is right
-for what runs. The split "attention" is the attention cores (SDPA, fused attention ops and the matmul / bmm /
-einsum products, which in these models occur only there; linear layers trace as `aten::linear`); "rest" is
-everything else.
+for what runs. Headline figures (`bixt profile`'s and `bixt compare`'s `gmacs`, `bixt models`) are the
+architecture's count in the paper's convention, one similarity matrix: the count on `math`, or on any backend that
+counts the same (`counts_like_math`); the count of another backend that ran is reported beside it. The split
+"attention" is the attention cores (SDPA, fused attention ops and the matmul / bmm / einsum products, which in
+these models occur only there; linear layers trace as `aten::linear`); "rest" is everything else.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from bixt.models.registry import count_params, get_entry
 from bixt.nn import fused
+from bixt.nn.attention import BiDirectionalCrossAttention
 
 Shape = list[int]
 
@@ -246,6 +249,19 @@ def perceiver_macs(cfg, n: int, backend: str) -> tuple[int, int]:
 
 # Backends that build the similarity matrix once for both directions of BiXT's attention.
 SHARED_SCORE_BACKENDS = frozenset({"math", "fused"})
+# The backend whose count is the architecture's (plain matmuls, one similarity matrix): the published convention.
+ARCHITECTURE_BACKEND = "math"
+
+
+def has_two_sided_attention(model: nn.Module) -> bool:
+    """Whether the model holds a two-sided bi-directional attention, the one op whose count depends on the backend
+    (one-way attention and sequential cross-attention count the same on every backend). Works on a meta model."""
+    return any(isinstance(m, BiDirectionalCrossAttention) and not m.one_sided for m in model.modules())
+
+
+def counts_like_math(backend: str | None, two_sided: bool) -> bool:
+    """Whether a model counted on `backend` gives the architecture's count (None: a model without backends)."""
+    return backend is None or backend in SHARED_SCORE_BACKENDS or not two_sided
 # family -> closed form (config, tokens, counting backend) -> (total MACs, attention MACs) per sample.
 ANALYTIC: dict[str, Callable[[Any, int, str], tuple[int, int]]] = {
     "bixt": bixt_macs,
@@ -269,6 +285,6 @@ def model_summary(name: str) -> dict:
     form, the authors' one-similarity-matrix convention; fvcore agrees, see count_macs) and the config's summary."""
     entry = get_entry(name)
     summary = entry.config.summary()
-    macs = analytic_macs(entry.family, entry.config, summary["tokens"], "math")
+    macs = analytic_macs(entry.family, entry.config, summary["tokens"], ARCHITECTURE_BACKEND)
     return {"name": name, "family": entry.family, "params": count_params(name),
             "gmacs": None if macs is None else round(macs.total / 1e9, 4), **summary}

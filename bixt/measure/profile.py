@@ -2,16 +2,20 @@
 
 What is measured, and how (BIXT-FACTS.md section 5 lists the traps this avoids):
 - MACs: `bixt.measure.flops.count_macs` on CPU in float32 at batch 1 (MACs per sample, as published counts), with the
-  attention handles, on the backend the model runs with (xformers, CUDA-only, is counted as sdpa: the same two
-  calls); `gmacs_analytic` is the family's closed form for the same backend.
+  attention handles. `gmacs` is the architecture's count in the paper's convention (one similarity matrix per
+  layer: the `math` backend's count), whatever backend runs, so figures compare across backends and with published
+  ones; `gmacs_analytic` is the family's closed form for it. `gmacs_executed` is the count of the computation that
+  runs, on `macs_backend` (xformers, CUDA-only, is counted as sdpa: the same two calls); it exceeds `gmacs` where
+  the backend builds BiXT's similarity matrix once per direction (sdpa, xformers) and equals it otherwise.
 - Peak memory: each mode runs in a FRESH process (`python -m bixt.measure.profile`), so nothing another configuration
   allocated or cached is reused. Before a measured step, free heap is returned to the OS and the peak is reset;
-  the figure is the step's peak over the memory in use just before it. CPU: peak RSS (VmHWM, reset through
-  /proc/self/clear_refs); CUDA: `max_memory_allocated` over `memory_allocated`. Two figures per mode:
-  `*_peak_mem_mib`, the first step over the baseline right after model creation (activations and workspace plus
-  every one-time cost: thread pools, kernel caches; training: also AdamW's two moments and the gradients), and
-  `*_act_mem_mib`, the first timed step over the memory held between steps (activations and workspace; training:
-  also the gradients): the part that grows with the input, the one to fit a scaling exponent to.
+  the figure is the step's peak over the memory in use just before it (`bixt.measure.memory.PeakMemory`). CPU:
+  peak RSS (VmHWM, reset through /proc/self/clear_refs); CUDA: `max_memory_allocated` over `memory_allocated`.
+  Two figures per mode: `*_peak_mem_mib`, the first step over the baseline right after model creation
+  (activations and workspace plus every one-time cost: thread pools, kernel caches; training: also AdamW's two
+  moments and the gradients), and `*_act_mem_mib`, the first timed step over the memory held between steps
+  (activations and workspace; training: also the gradients): the part that grows with the input, the one to fit a
+  scaling exponent to.
 - Throughput: the first step (the memory one) and further steps until `warmup_s` has passed are warm-up; then at
   least `min_iters` timed steps, more until `target_s` has passed (at most `max_iters`); the median step time, with
   device synchronisation. Short steps are timed many times; long ones (seconds) twice.
@@ -21,15 +25,11 @@ Column names follow timm's benchmark.py (samples_per_sec, param_count, gmacs) ex
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import functools
-import gc
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,15 +39,22 @@ from typing import Any
 
 import torch
 
-from bixt.nn.attention import BiDirectionalCrossAttention, check_backend, resolve_backend
-from bixt.measure.flops import analytic_macs, count_macs
-from bixt.nn.fused import fused_wins
+from bixt.measure.flops import (
+    ARCHITECTURE_BACKEND,
+    MacCount,
+    analytic_macs,
+    count_macs,
+    counts_like_math,
+    has_two_sided_attention,
+)
+from bixt.measure.memory import PeakMemory
 from bixt.models.registry import get_entry, model_config
+from bixt.nn.attention import BiDirectionalCrossAttention, check_backend, resolve_backend
+from bixt.nn.fused import fused_wins
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("cpu", "cuda")
 MODES = ("infer", "train")
-STATUSES = ("ok", "oom", "skipped", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +99,19 @@ class Prepared:
     family: str
     config: Any
     backend: str | None  # what runs on the device ("auto" resolved); None for a model without attention backends
-    count_backend: str | None  # what the MACs are counted on (CPU, batch 1): the same computation as `backend`
+    count_backend: str | None  # what `gmacs_executed` is counted on (CPU, batch 1): the same computation as `backend`
     param_count: int
+    two_sided: bool = False  # holds a two-sided bi-directional attention, whose count depends on the backend
+
+    @property
+    def separate_count(self) -> bool:
+        """Whether the executed count needs a trace of its own beside the architecture's (math) one."""
+        return not counts_like_math(self.count_backend, self.two_sided)
+
+    @property
+    def count_traces(self) -> int:
+        """fvcore traces `count` runs: what a time prediction of the count multiplies one forward by."""
+        return 2 if self.separate_count else 1
 
     def build(self, backend: str | None = None) -> torch.nn.Module:
         cfg = self.config
@@ -141,7 +159,7 @@ def prepare(setup: Setup) -> Prepared:
                 backend = "fused"
         count_backend = "sdpa" if backend == "xformers" else backend  # xformers runs the same two calls as sdpa
     params = sum(p.numel() for p in model.parameters())
-    return Prepared(setup, entry.family, cfg, backend, count_backend, params)
+    return Prepared(setup, entry.family, cfg, backend, count_backend, params, has_two_sided_attention(model))
 
 
 def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = None,
@@ -164,66 +182,30 @@ def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = No
     return tokens
 
 
-def count(prep: Prepared) -> dict:
-    """MACs per sample: fvcore (with the attention handles) and the closed form, split attention / rest."""
-    s = prep.setup
+def _trace(prep: Prepared, backend: str | None) -> MacCount:
     torch.manual_seed(0)
-    model = prep.build(prep.count_backend)
-    macs = count_macs(model, model.tokenizer.example_input(1, s.seq_len))
-    cfg = prep.config if prep.count_backend is None else dataclasses.replace(prep.config,
-                                                                             attn_backend=prep.count_backend)
-    closed = analytic_macs(prep.family, cfg, s.seq_len, prep.count_backend or "math")
-    return {"gmacs": macs.total / 1e9, "gmacs_analytic": None if closed is None else closed.total / 1e9,
-            "gmacs_attention": macs.attention / 1e9, "gmacs_rest": macs.rest / 1e9,
-            "unsupported_ops": macs.unsupported, "macs_backend": prep.count_backend or "-"}
+    model = prep.build(backend)
+    return count_macs(model, model.tokenizer.example_input(1, prep.setup.seq_len))
+
+
+def count(prep: Prepared) -> dict:
+    """MACs per sample: the architecture's (fvcore with the attention handles, and the closed form, split attention /
+    rest) and the executed backend's.
+
+    One trace where the executed backend counts like math (math, fused, or a model without two-sided attention):
+    tracing that backend rather than math also spares a ViT at long lengths math's N x N score matrix. Two where
+    it does not (sdpa / xformers on BiXT)."""
+    executed = _trace(prep, prep.count_backend)
+    arch = _trace(prep, ARCHITECTURE_BACKEND) if prep.separate_count else executed
+    closed = analytic_macs(prep.family, prep.config, prep.setup.seq_len, ARCHITECTURE_BACKEND)
+    return {"gmacs": arch.total / 1e9, "gmacs_analytic": None if closed is None else closed.total / 1e9,
+            "gmacs_attention": arch.attention / 1e9, "gmacs_rest": arch.rest / 1e9,
+            "gmacs_executed": executed.total / 1e9, "macs_backend": prep.count_backend or "-",
+            "unsupported_ops": {**executed.unsupported, **arch.unsupported}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Peak memory and timing, inside the fresh worker process.
-
-
-def _proc_status_kib(field: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-class PeakMemory:
-    """Peak memory of a block over the memory in use when it starts, in MiB (`peak_mib` after the block)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_mib, self.method = device, 0.0, ""
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base, self.method = torch.cuda.memory_allocated(self.device), "max_memory_allocated"
-            return self
-        with contextlib.suppress(OSError, AttributeError):  # glibc: hand freed heap back, so RSS is what is live
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-            self.method = "peak RSS (VmHWM) over the post-creation RSS"
-        except OSError:
-            self.method = "peak RSS since start over the post-creation peak (a lower bound)"
-        self.base = self._peak_kib() * 1024
-        return self
-
-    def _peak_kib(self) -> int:
-        hwm = _proc_status_kib("VmHWM")
-        return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = self._peak_kib() * 1024
-        self.peak_mib = max(0, peak - self.base) / 2**20
 
 
 def _step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str):
@@ -297,7 +279,7 @@ def measure(setup: Setup, mode: str, plan: Plan = DEFAULT_PLAN, timeout: float |
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
     payload = json.dumps({"setup": dataclasses.asdict(setup), "mode": mode, "plan": dataclasses.asdict(plan)})
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the checkout, so the worker imports this very bixt
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     try:
         proc = subprocess.run([sys.executable, "-m", "bixt.measure.profile", payload], capture_output=True, text=True,

@@ -29,6 +29,7 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -264,6 +265,37 @@ class _SingleThreaded:
 _SINGLE_THREADED = _SingleThreaded()
 
 
+class LatentGrad(NamedTuple):
+    """The latents' direction in a backward pass (shapes per B*H row; N the tokens, M the latents).
+
+    Either `row_off` is given (E is recomputed with the latents' own log-sum-exps: E = P_lat) or `g` is (the pass
+    also holds the tokens' direction, E = P_tok, and P_lat = E * g_i * h_j)."""
+
+    d_lat: Tensor  # (BH, M, d): the gradient of the latents' output
+    D_lat: Tensor  # (BH, M, 1): rowsum(d_lat * output), softmax's backward term
+    h: Tensor | None  # (BH, N): a factor per token (0 on padding); None: all 1
+    g: Tensor | None = None  # (BH, M, 1): a factor per latent, with the tokens' direction in the same pass
+    row_off: Tensor | None = None  # (BH, M): the latents' base-2 log-sum-exps, without the tokens' direction
+
+
+class TokenGrad(NamedTuple):
+    """The tokens' direction in a backward pass: E = P_tok, recomputed with the tokens' log-sum-exps."""
+
+    v_lat: Tensor  # (BH, M, d)
+    d_tok: Tensor  # (B, H, N, d): the gradient of the tokens' output
+    tok: Tensor  # (B, H, N, d): the tokens' output
+    col_off: Tensor  # (BH, N): the tokens' base-2 log-sum-exps
+
+
+class BackwardPass(NamedTuple):
+    """One sweep over the tokens: either direction or both; `accumulate` adds to the token gradients an earlier
+    pass wrote instead of overwriting them."""
+
+    lat: LatentGrad | None = None
+    tok: TokenGrad | None = None
+    accumulate: bool = False
+
+
 class FusedBiDirectionalAttention(torch.autograd.Function):
     """(r_lat, v_lat | None, r_tok, v_tok, packed_tok, padding_mask | None, scale, chunk) -> (latent update, token
     update | None); either r_tok and v_tok or packed_tok (see `fused_bidirectional_attention`) is None.
@@ -311,17 +343,19 @@ class FusedBiDirectionalAttention(torch.autograd.Function):
         rl, d_lat = r_lat.reshape(BH, M, d).contiguous(), d_lat.reshape(BH, M, d)
         lse_lat = lse_lat.reshape(BH, M)
         keep = None if mask is None else (~mask)[:, None].expand(B, H, N).reshape(BH, N).to(rl.dtype)
-        lat_pass = dict(d_lat=d_lat, D_lat=(d_lat * lat.reshape(BH, M, d)).sum(dim=2, keepdim=True), h=keep)
+        lat_pass = LatentGrad(d_lat, (d_lat * lat.reshape(BH, M, d)).sum(dim=2, keepdim=True), h=keep)
         if v_lat is None:
-            passes = [dict(lat=dict(lat_pass, row_off=lse_lat))]
+            passes = [BackwardPass(lat=lat_pass._replace(row_off=lse_lat))]
         else:
-            tok_pass = dict(v_lat=v_lat.reshape(BH, M, d), d_tok=d_tok, tok=tok, col_off=lse_tok)
+            tok_pass = TokenGrad(v_lat.reshape(BH, M, d), d_tok, tok, col_off=lse_tok)
             if ctx.shared:  # one pass: P_lat = P_tok * g_i * h_j
                 g = (m.view(BH, 1) - lse_lat).exp2_()[:, :, None]
                 h = (lse_tok - m.view(BH, 1)).exp2_()
-                passes = [dict(lat=dict(lat_pass, g=g, h=h if keep is None else h.mul_(keep)), tok=tok_pass)]
+                passes = [BackwardPass(lat=lat_pass._replace(g=g, h=h if keep is None else h.mul_(keep)),
+                                       tok=tok_pass)]
             else:
-                passes = [dict(lat=dict(lat_pass, row_off=lse_lat)), dict(tok=tok_pass, accumulate=True)]
+                passes = [BackwardPass(lat=lat_pass._replace(row_off=lse_lat)),
+                          BackwardPass(tok=tok_pass, accumulate=True)]
         if ctx.packed:  # the gradient of the packed projection, written in place through its two halves
             d_packed = torch.empty_like(packed, memory_format=torch.contiguous_format)
             tok_grads = dict(zip(("r_tok", "v_tok"), split_heads(d_packed, 2, H), strict=True))
@@ -331,7 +365,7 @@ class FusedBiDirectionalAttention(torch.autograd.Function):
         def work(rng):
             grads = dict(r_lat=rl.new_zeros(BH, d, M), v_lat=rl.new_zeros(BH, d, M), **tok_grads)
             for p in passes:
-                _backward_pass(rl, r_tok, v_tok, mask, ctx.scale, ctx.chunk, grads, *rng, **p)
+                _backward_pass(rl, r_tok, v_tok, mask, ctx.scale, ctx.chunk, grads, *rng, p.lat, p.tok, p.accumulate)
             return grads["r_lat"], grads["v_lat"]
 
         parts = _run(work, ctx.ranges)
@@ -340,7 +374,8 @@ class FusedBiDirectionalAttention(torch.autograd.Function):
         return g_rlat, None if v_lat is None else g_vlat, *g_tok, None, None, None
 
 
-def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat=None, tok=None, accumulate=False):
+def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat: LatentGrad | None = None,
+                   tok: TokenGrad | None = None, accumulate: bool = False):
     """The gradients of the latents' and/or the tokens' direction over tokens n_a:n_b, one block at a time.
 
     E = exp2(S - row_off_i - col_off_j) is recomputed per block. With the tokens' direction in the pass it is
@@ -353,14 +388,14 @@ def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat=None, 
     rl2t = (rl * (scale * _LOG2E)).transpose(1, 2)
     cols = []
     if lat is not None:
-        g, h = lat.get("g"), lat["h"]
-        gd = lat["d_lat"] if g is None else lat["d_lat"] * g
-        cols += [gd * scale, (lat["D_lat"] if g is None else lat["D_lat"] * g) * -scale]
+        g, h = lat.g, lat.h
+        gd = lat.d_lat if g is None else lat.d_lat * g
+        cols += [gd * scale, (lat.D_lat if g is None else lat.D_lat * g) * -scale]
     if tok is not None:
-        cols += [tok["v_lat"] * scale, rl.new_full((BH, M, 1), -scale)]
+        cols += [tok.v_lat * scale, rl.new_full((BH, M, 1), -scale)]
     xt = torch.cat(cols, dim=2).transpose(1, 2)  # (BH, K, M)
     k = xt.shape[1]
-    row_off = None if lat is None or "row_off" not in lat else lat["row_off"][:, None, :]
+    row_off = None if lat is None or lat.row_off is None else lat.row_off[:, None, :]
     S, dS = rl.new_empty(BH, C, M), rl.new_empty(BH, C, M)
     Y = rl.new_empty(BH, C, k)
     buf = rl.new_empty(3, BH * C * d)
@@ -373,7 +408,7 @@ def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat=None, 
             if mask is not None:  # padding may exceed a latent's log-sum-exp: exp2 would overflow, then inf * 0
                 e.view(B, H, n, M).masked_fill_(mask[:, None, n0:n1, None], float("-inf"))
         if tok is not None:
-            e.sub_(tok["col_off"][:, n0:n1, None])
+            e.sub_(tok.col_off[:, n0:n1, None])
         e.exp2_()
         y = Y[:, :n]
         j = 0
@@ -390,9 +425,9 @@ def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat=None, 
             if hc is not None:  # P_lat^T dO_lat = h * (E^T @ (g dO_lat))
                 dv.mul_(hc.view(B, H, n, 1))
         if tok is not None:
-            dto = tok["d_tok"][:, :, n0:n1]
+            dto = tok.d_tok[:, :, n0:n1]
             y[:, :, j:j + d].view(B, H, n, d).copy_(dto)
-            prod = torch.mul(dto, tok["tok"][:, :, n0:n1], out=buf[1, : BH * n * d].view(B, H, n, d))
+            prod = torch.mul(dto, tok.tok[:, :, n0:n1], out=buf[1, : BH * n * d].view(B, H, n, d))
             torch.sum(prod, dim=3, out=y[:, :, j + d].view(B, H, n))
             grads["v_lat"].baddbmm_(y[:, :, j:j + d].transpose(1, 2), e)
         ds = torch.bmm(y, xt, out=_block(dS, n)).mul_(e)

@@ -3,6 +3,7 @@ collectives training needs. Without torchrun everything here is a no-op with wor
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +87,17 @@ def gather(d: Dist, obj) -> list:
     out = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main(d: Dist, fn: Callable):
+    """`fn()` run on rank 0 alone, its result (or the user error it raised) handed to every rank."""
+    result, error = None, None
+    if d.main:
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            error = e
+    result, error = broadcast(d, (result, error))
+    if error is not None:
+        raise error
+    return result

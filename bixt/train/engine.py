@@ -1,17 +1,27 @@
-"""The pieces of a training loop: parameter groups, optimizer and schedule, the batches of an epoch, evaluation."""
+"""The pieces of a training loop: parameter groups, optimizer and schedule, the batches of an epoch, one epoch of
+training (`train_one_epoch`) and evaluation (`evaluate`, `validate`)."""
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
+from bixt.data import Data
+from bixt.train import rundir
+from bixt.train.config import TrainConfig
 from bixt.train.distributed import Dist, all_sum
+from bixt.train.state import StepStats, TrainState
+from bixt.train.terminal import Reporter, StopFlag
 
+OnStep = Callable[[int, int, nn.Module], None]  # (epoch, step, model) after every optimizer step
 _DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
@@ -102,3 +112,127 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, am
     n = max(n, 1)
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "samples": int(n), "seconds": seconds,
             "samples_per_s": n / max(seconds, 1e-9)}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before that step changed any weight."""
+
+
+@dataclass
+class Learner:
+    """The model and what an optimizer step needs. `net` runs the forward: the model, or DDP around it."""
+
+    model: nn.Module
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    clip_grad: float | None
+    d: Dist
+
+    @property
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def autocast(self):
+        return torch.autocast(self.d.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def step(self, loss: Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad is not None:
+            self.scaler.unscale_(self.opt)  # clip the true gradients, not the loss-scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist) -> Learner:
+    """AdamW with warm-up + cosine per step, autocast when --amp (fp16 with loss scaling where bf16 is missing),
+    and DDP over the processes of a torchrun job."""
+    model.to(d.device)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    total = cfg.epochs * steps
+    sched = build_scheduler(opt, total, min(round(cfg.warmup_epochs * steps), total // 2), cfg.min_lr)
+    amp_dtype = None
+    if cfg.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
+        if d.active else model
+    return Learner(model, net, opt, sched, scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                   amp_dtype, cfg.clip_grad, d)
+
+
+@dataclass
+class Throughput:
+    """Training samples/s of this session, evaluation left out."""
+
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: TrainState, *, stop: StopFlag,
+                    report: Reporter, speed: Throughput, on_step: OnStep | None = None) -> bool:
+    """Train the rest of epoch `state.epoch` from batch `state.step`, recording every step in `state`. Returns
+    False when asked to stop (after the step under way, on every process at once), True at the epoch's end."""
+    d = learner.d
+    data.train.epoch = state.epoch  # augmentation is drawn per (seed, epoch, sample)
+    learner.net.train()
+    state.start_clock()
+    started = time.perf_counter()
+    batches = epoch_batches(len(data.train), cfg.batch_size, state.epoch, cfg.seed, d)[state.step:]
+    finished = True
+    for x, y in loader(data.train, batches, data.workers, d.device):
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        with learner.autocast():
+            logits = predict(learner.net, x, data.pad_id)
+            loss = learner.criterion(logits.float(), y)
+        value = loss.item()
+        # The stop request travels with the step's numbers, so every process stops after the same step.
+        stats = StepStats(*all_sum(d, [value * len(y), (logits.argmax(1) == y).sum().item(), len(y),
+                                       float(not math.isfinite(value)), float(stop.signum > 0)]))
+        if stats.diverged:
+            raise _diverged(value, state, Path(cfg.out) / rundir.LAST)
+        learner.step(loss)
+        state.record_step(stats)
+        speed.samples += int(stats.samples)
+        report.step(state)
+        if on_step is not None:
+            on_step(state.epoch, state.step, learner.model)
+        if stats.stopping:
+            finished = False
+            break
+    speed.seconds += time.perf_counter() - started
+    return finished
+
+
+def validate(cfg: TrainConfig, learner: Learner, data: Data) -> dict:
+    """The test split after an epoch, in batches twice the training's: no activations are kept for a backward."""
+    return evaluate(learner.model, data.test, max(1, 2 * cfg.batch_size // learner.d.world), learner.d,
+                    amp_dtype=learner.amp_dtype, workers=data.workers, pad_id=data.pad_id)
+
+
+def _diverged(value: float, state: TrainState, last: Path) -> TrainingDiverged:
+    where = value if not math.isfinite(value) else "non-finite on another process"
+    return TrainingDiverged(
+        f"loss is {where} at step {state.global_step + 1} (epoch {state.epoch + 1}, batch {state.step + 1}); no "
+        f"weight was updated; the last good checkpoint is {last if last.exists() else 'none yet'}: lower --lr or "
+        "check the data")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from bixt.io.checkpoint import likely_models, load_checkpoint, read_state_dict
 from bixt.train import rundir
+from bixt.train.build import build_for_data
+from bixt.train.config import read_config_file
 from bixt.train.distributed import Dist, resolve_device
 from bixt.train.engine import evaluate
 
@@ -38,7 +38,6 @@ def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: 
                         batch_size: int = 128, device: str | None = None, workers: int | None = None) -> dict:
     """Evaluate a checkpoint; returns {model, data, checkpoint, top1, top5, loss, samples, seconds, samples_per_s}."""
     from bixt.models.registry import get_entry
-    from bixt.train.loop import build_for_data, read_config_file
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")

@@ -18,6 +18,7 @@ import io
 import pickle
 import zlib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -28,6 +29,30 @@ from bixt.io.atomic import atomic_path, atomic_write
 CONFIG, METRICS, CURVES, SUMMARY = "config.yaml", "metrics.csv", "curves.png", "summary.json"
 LAST, STATE, BEST = "last.safetensors", "last.state.pt", "best.safetensors"
 COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "lr", "seconds")
+
+
+def prepare(out: str | None, name: str, resuming: bool) -> Path:
+    """The run folder, created: `out`, or runs/<name>-<time>; a non-empty one is reused only when resuming."""
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run = Path("runs") / f"{name}-{stamp}"
+        for i in range(1, 1000):  # several runs started in the same second
+            if not run.exists():
+                break
+            run = run.with_name(f"{name}-{stamp}-{i}")
+    else:
+        run = Path(out)
+    if not resuming and run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise FileExistsError(f"--out {run} already exists and is not empty: pass --resume {run} to continue it, "
+                              "or choose a new --out")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def write_config(run: Path, config: dict) -> None:
+    import yaml
+
+    atomic_write(run / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
 
 
 def weights_crc(state: Mapping[str, Tensor]) -> int:

@@ -1,0 +1,200 @@
+"""One loader per data kind and TABLE, the kinds `--data` knows: kind -> Source (loader, default model, argument).
+
+`parse_spec` and `build_data` dispatch through TABLE, and SPECS and DEFAULT_MODELS are read off it, so a new data
+kind is one loader function and one row.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from bixt.data.datasets import ImageFolderSplit, ShapesSplit, TensorSplit
+from bixt.data.listops import MIN_LENGTH as LISTOPS_MIN_LENGTH
+from bixt.data.listops import make_expression
+from bixt.data.readers import (
+    PAD_ID,
+    byte_rows,
+    cifar_arrays,
+    image_files,
+    modelnet_arrays,
+    read_batch,
+    require_dir,
+    split_folders,
+    text_files,
+)
+from bixt.data.shapes import SHAPES
+from bixt.data.spec import Data, DataSpec, Request, Source
+from bixt.data.transforms import LISTOPS_STREAM, ImageAugment, Normalize, PointAugment, as_ids, resize, sample_rng
+
+
+def load_digits(spec: DataSpec, req: Request) -> Data:
+    # scikit-learn is slow to import and only this kind needs it
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sklearn_digits()
+    x = torch.from_numpy(digits.images).float()[:, None] / 16.0
+    y = torch.from_numpy(digits.target)
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
+    x = resize(x, req.img_size)
+    norm = Normalize([x[tr].mean().item()], [x[tr].std().item()])
+    aug = ImageAugment(degrees=12, scale=0.1, translate=0.1) if req.augment else None
+    return Data("digits", "image", 10, 1, TensorSplit(x[tr], y[tr], aug, norm, req.seed),
+                TensorSplit(x[te], y[te], None, norm), [str(i) for i in range(10)])
+
+
+SHAPES_OPTIONS = {"points": 1024, "train": 4000, "test": 1000, "seed": 0}
+
+
+def load_shapes(spec: DataSpec, req: Request) -> Data:
+    # a points option in the spec beats the model's point count, which beats the default
+    opts = {**SHAPES_OPTIONS, "points": req.points or SHAPES_OPTIONS["points"], **spec.options}
+    aug = PointAugment(rotate=True, scale=(0.9, 1.1), jitter=0.005) if req.augment else None
+    return Data("shapes", "points", len(SHAPES), 3,
+                ShapesSplit(opts["train"], opts["points"], opts["seed"], 0, aug, req.seed),
+                ShapesSplit(opts["test"], opts["points"], opts["seed"], 1), list(SHAPES))
+
+
+def load_imagefolder(spec: DataSpec, req: Request) -> Data:
+    tdir, val, classes = split_folders(spec.path, ("val",), "images", req.need_train)
+    size = req.img_size or 224
+    train = None
+    if tdir is not None:
+        train = ImageFolderSplit(*image_files(tdir, classes, "train/<class>/<image>"), size, req.augment, req.seed)
+    test = ImageFolderSplit(*image_files(val, classes, "val/<class>/<image>"), size, False)
+    return Data("imagefolder", "image", len(classes), 3, train, test, classes, workers=min(8, _cpus()))
+
+
+class CifarLayout(NamedTuple):
+    """One CIFAR variant's python-batches layout, and the channel statistics of its training images."""
+
+    folder: str  # the archive's top folder
+    train_files: tuple[str, ...]
+    test_file: str
+    label_key: str
+    meta_file: str
+    names_key: str  # the class names' key in the meta file
+    classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CIFAR10 = CifarLayout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "labels",
+                      "batches.meta", "label_names", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100 = CifarLayout("cifar-100-python", ("train",), "test", "fine_labels", "meta", "fine_label_names", 100,
+                       (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+def load_cifar(layout: CifarLayout, spec: DataSpec, req: Request) -> Data:
+    kind, k = spec.kind, layout.classes
+    root = require_dir(spec.path, f"the {kind} python batches (the {layout.folder}/ folder or its parent)")
+    root = root / layout.folder if (root / layout.folder).is_dir() else root
+    test = cifar_arrays([root / layout.test_file], layout.label_key, k)
+    meta = root / layout.meta_file
+    classes = [n.decode() if isinstance(n, bytes) else str(n)
+               for n in read_batch(meta).get(layout.names_key, [])] if meta.is_file() else []
+    norm = Normalize(layout.mean, layout.std)
+    aug = ImageAugment(translate=0.125, flip=True) if req.augment else None
+    train = None
+    if req.need_train:
+        x, y = cifar_arrays([root / f for f in layout.train_files], layout.label_key, k)
+        train = TensorSplit(resize(x, req.img_size), y, aug, norm, req.seed)
+    return Data(kind, "image", k, 3, train, TensorSplit(resize(test[0], req.img_size), test[1], None, norm),
+                classes or [str(i) for i in range(k)])
+
+
+def load_modelnet40(spec: DataSpec, req: Request) -> Data:
+    root = require_dir(spec.path, "the PointNet ModelNet40 HDF5 files (*train*.h5, *test*.h5)")
+    found = {s: sorted(root.glob(f"*{s}*.h5")) for s in ("train", "test")}
+    for split, files in found.items():
+        if not files:
+            raise FileNotFoundError(f"no *{split}*.h5 files in {root}: expected the PointNet ModelNet40 HDF5 "
+                                    "files (ply_data_train0.h5 ..., ply_data_test0.h5 ...)")
+    n = req.points or 1024
+    names = root / "shape_names.txt"
+    classes = names.read_text().split() if names.is_file() else [str(i) for i in range(40)]
+    aug = PointAugment(scale=(2 / 3, 3 / 2), anisotropic=True, translate=0.2) if req.augment else None
+    train = TensorSplit(*modelnet_arrays(found["train"], n), aug, None, req.seed) if req.need_train else None
+    test = TensorSplit(*modelnet_arrays(found["test"], n))
+    top = max(int(split.y.max()) for split in (train, test) if split is not None)
+    if top >= len(classes):
+        raise ValueError(f"{root} has label {top} but {len(classes)} class names: fix shape_names.txt")
+    return Data("modelnet40", "points", len(classes), 3, train, test, classes)
+
+
+def _listops_split(size: int, length: int, depth: int, data_seed: int, split: int) -> TensorSplit:
+    texts, labels = [], []
+    for i in range(size):
+        text, value = make_expression(sample_rng(LISTOPS_STREAM, data_seed, split, i), depth, length)
+        texts.append(text.encode("ascii"))
+        labels.append(value)
+    return TensorSplit(byte_rows(texts, length), torch.tensor(labels), transform=as_ids)
+
+
+LISTOPS_OPTIONS = {"length": 512, "train": 10000, "test": 2000, "depth": 4, "seed": 0}
+
+
+def load_listops(spec: DataSpec, req: Request) -> Data:
+    o = {**LISTOPS_OPTIONS, **spec.options}
+    train = _listops_split(o["train"], o["length"], o["depth"], o["seed"], 0) if req.need_train else None
+    test = _listops_split(o["test"], o["length"], o["depth"], o["seed"], 1)
+    return Data("listops", "sequence", 10, 0, train, test, [str(i) for i in range(10)], vocab_size=256,
+                pad_id=PAD_ID)
+
+
+def load_textfolder(spec: DataSpec, req: Request) -> Data:
+    tdir, held_out, classes = split_folders(spec.path, ("test", "val"), "text files", req.need_train)
+    length = req.seq_len or 4096
+    train = None if tdir is None else TensorSplit(*text_files(tdir, classes, length), transform=as_ids)
+    test = TensorSplit(*text_files(held_out, classes, length), transform=as_ids)
+    return Data("textfolder", "sequence", len(classes), 0, train, test, classes, vocab_size=256, pad_id=PAD_ID)
+
+
+def _cpus() -> int:
+    # the CPUs this process may run on (a container or taskset may allow fewer than the machine has)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# The order is the order of the usage lines (SPECS) in help texts and errors.
+TABLE: dict[str, Source] = {
+    "digits": Source(load_digits, ("bixt_digits", {})),
+    "shapes": Source(load_shapes, ("bixt_shapes", {}), options=SHAPES_OPTIONS, least={"seed": 0}),
+    "imagefolder": Source(load_imagefolder, ("bixt_ti_l64_p16", {}), path=True),
+    "cifar10": Source(functools.partial(load_cifar, CIFAR10), ("bixt_ti_l64_p16s4", {"img_size": 32}), path=True),
+    "cifar100": Source(functools.partial(load_cifar, CIFAR100), ("bixt_ti_l64_p16s4", {"img_size": 32}), path=True),
+    "modelnet40": Source(load_modelnet40, ("bixt_ti_l64_points", {}), path=True),
+    "listops": Source(load_listops, ("bixt_bytes", {}), options=LISTOPS_OPTIONS,
+                      least={"seed": 0, "length": LISTOPS_MIN_LENGTH}),
+    "textfolder": Source(load_textfolder, ("bixt_ti_l64_text", {}), path=True),
+}
+SPECS = tuple(source.usage(kind) for kind, source in TABLE.items())
+DEFAULT_MODELS = {kind: source.default_model for kind, source in TABLE.items()}
+
+
+def parse_spec(spec: str) -> DataSpec:
+    """`digits`, `shapes:points=4096`, `imagefolder:/data/imagenet`, ... -> DataSpec (paths are not checked here)."""
+    kind, _, rest = str(spec).partition(":")
+    kind = kind.strip().lower()
+    parsed = TABLE[kind].parse(kind, rest) if kind in TABLE else None
+    if parsed is None:
+        raise ValueError(f"unknown data spec {spec!r}: use one of {', '.join(SPECS)}")
+    return parsed
+
+
+def build_data(spec: str | DataSpec, *, img_size: int | None = None, points: int | None = None,
+               seq_len: int | None = None, seed: int = 0, augment: bool = True, need_train: bool = True) -> Data:
+    """Load or generate the data of `spec`, sized for a model: images resized to `img_size`, `points` per cloud,
+    text files cut to `seq_len` bytes (ListOps has its own `length` option).
+
+    `seed` drives the training augmentation; the data themselves (split, generated shapes) do not depend on it.
+    """
+    spec = spec if isinstance(spec, DataSpec) else parse_spec(spec)
+    if spec.kind not in TABLE:
+        raise ValueError(f"unknown data kind {spec.kind!r}: use one of {', '.join(SPECS)}")
+    request = Request(img_size=img_size, points=points, seq_len=seq_len, seed=seed, augment=augment,
+                      need_train=need_train)
+    return TABLE[spec.kind].load(spec, request)
