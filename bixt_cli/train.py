@@ -1,4 +1,4 @@
-"""`bixt train` and `bixt eval`: thin wrappers around bixt.train.train and bixt.train.evaluate.evaluate_checkpoint."""
+"""`bixt train` and `bixt eval`: thin wrappers around bixt.train.train and bixt.train.eval.evaluate_checkpoint."""
 from __future__ import annotations
 
 import json
@@ -95,7 +95,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
 ):
     """Top-1, top-5, loss and samples/s of a checkpoint on the test (val) split."""
-    from bixt.train.evaluate import evaluate_checkpoint
+    from bixt.train.eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, model, data, batch_size=batch_size, device=device, workers=workers)
     if as_json:

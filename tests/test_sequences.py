@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from bixt import create_model
 from bixt.data import PAD_ID, DataSpec, build_data, parse_spec
-from bixt.data.listops import MIN_LENGTH, evaluate, make_expression
+from bixt.data.listops import MIN_LENGTH, make_expression, solve
 from bixt.train.engine import predict
 from bixt_cli.main import app
 
@@ -22,7 +22,7 @@ def test_listops_expressions_fit_and_evaluate_to_their_label(depth, length):
         text, value = make_expression(np.random.default_rng([depth, i]), depth, length)
         assert len(text) <= length and text.startswith("[") and text.endswith(" ]")
         assert _nesting(text) <= depth
-        assert evaluate(text) == value and 0 <= value <= 9
+        assert solve(text) == value and 0 <= value <= 9
     assert make_expression(np.random.default_rng(3), 4, 300) == make_expression(np.random.default_rng(3), 4, 300)
 
 
@@ -35,9 +35,9 @@ def _nesting(text: str) -> int:
 
 
 def test_listops_operators_by_hand():
-    assert evaluate("[MAX 2 9 [MIN 4 7 ] 0 ]") == 9
-    assert evaluate("[MED 3 1 8 6 ]") == 3  # the lower median of 1 3 6 8
-    assert evaluate("[SM 7 8 [MAX 1 2 ] ]") == 7  # (7 + 8 + 2) mod 10
+    assert solve("[MAX 2 9 [MIN 4 7 ] 0 ]") == 9
+    assert solve("[MED 3 1 8 6 ]") == 3  # the lower median of 1 3 6 8
+    assert solve("[SM 7 8 [MAX 1 2 ] ]") == 7  # (7 + 8 + 2) mod 10
     with pytest.raises(ValueError, match="max_length >= 10"):
         make_expression(np.random.default_rng(0), 3, 9)
 
@@ -56,7 +56,7 @@ def test_listops_spec_and_data():
     assert x.shape == (40, 64) and x.dtype == torch.int64 and int(y.max()) <= 9
     for row, label in zip(x, y, strict=True):  # each row is an expression then padding, and its label is right
         text = bytes(row[row != PAD_ID].tolist()).decode("ascii")
-        assert evaluate(text) == label and (row[len(text):] == PAD_ID).all()
+        assert solve(text) == label and (row[len(text):] == PAD_ID).all()
     again = build_data("listops:length=64,train=40,test=20,depth=3", seed=5)  # the seed is the training's
     assert torch.equal(again.test.x, data.test.x) and not torch.equal(data.train.x[:20], data.test.x)
     assert build_data("listops:length=64,test=7", need_train=False).train is None

@@ -41,7 +41,7 @@ def _expression(rng: np.random.Generator, depth: int, budget: int, top: bool = F
     return f"[{op} {' '.join(texts)} ]", OPS[op](values)
 
 
-def evaluate(text: str) -> int:
+def solve(text: str) -> int:
     """The value of an expression (an independent reading of the text, used to check the generator)."""
     stack: list[list] = [[]]
     for word in text.split():

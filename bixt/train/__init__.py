@@ -1,4 +1,4 @@
-"""Training and evaluation: `bixt train` (loop.py) and `bixt eval` (evaluate.py).
+"""Training and evaluation: `bixt train` (loop.py) and `bixt eval` (eval.py).
 
   config.py        TrainConfig, config files and their precedence
   build.py         a model config and a data set sized for each other
@@ -9,11 +9,11 @@
   rundir.py        the run folder's files
   distributed.py   torchrun's processes
   loop.py          train(): the loop itself
-  evaluate.py      `bixt eval`
+  eval.py          `bixt eval`
 """
 from bixt.train.config import TrainConfig, read_config_file, resolve_config
 from bixt.train.engine import TrainingDiverged
-from bixt.train.evaluate import evaluate_checkpoint
+from bixt.train.eval import evaluate_checkpoint
 from bixt.train.loop import TrainResult, train
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "evaluate_checkpoint", "read_config_file",
