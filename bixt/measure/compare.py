@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bixt.io.atomic import atomic_write
-from bixt.measure.flops import ARCHITECTURE_BACKEND, analytic_macs, count_macs
+from bixt.measure.flops import ARCHITECTURE_BACKEND, analytic_macs
 from bixt.measure.profile import (
     DEFAULT_PLAN,
     MODES,
@@ -42,6 +42,7 @@ from bixt.measure.profile import (
     mode_columns,
     prepare,
 )
+from bixt.measure.profile import trace as profile_trace
 from bixt.models.registry import families, get_entry, list_models
 
 DEFAULT_MODEL = "bixt_ti_l64_p16"
@@ -431,8 +432,6 @@ def published_counts(names: tuple[str, ...] | None = None, trace: bool = True) -
     """Each model with a published figure at its default input, on the `math` backend (plain matmuls, as the
     published counts were made): fvcore's count (`trace`) and the closed form against the published GMACs and
     parameters."""
-    import torch
-
     rows = []
     for name in names or PUBLISHED:
         if name not in list_models():
@@ -440,11 +439,7 @@ def published_counts(names: tuple[str, ...] | None = None, trace: bool = True) -
         gmacs, params = PUBLISHED[name]
         prep = prepare(Setup(name, get_entry(name).config.default_tokens, backend="math"))
         closed = analytic_macs(prep.family, prep.config, prep.setup.seq_len, "math").total / 1e9
-        counted = None
-        if trace:
-            torch.manual_seed(0)
-            model = prep.build()
-            counted = count_macs(model, model.tokenizer.example_input(1)).total / 1e9
+        counted = profile_trace(prep, "math").total / 1e9 if trace else None
         rows.append({"model": name, "published_gmacs": gmacs, "gmacs": counted, "gmacs_analytic": closed,
                      "rel_err": (counted or closed) / gmacs - 1, "published_params": params,
                      "param_count": prep.param_count})

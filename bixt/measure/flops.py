@@ -262,6 +262,8 @@ def has_two_sided_attention(model: nn.Module) -> bool:
 def counts_like_math(backend: str | None, two_sided: bool) -> bool:
     """Whether a model counted on `backend` gives the architecture's count (None: a model without backends)."""
     return backend is None or backend in SHARED_SCORE_BACKENDS or not two_sided
+
+
 # family -> closed form (config, tokens, counting backend) -> (total MACs, attention MACs) per sample.
 ANALYTIC: dict[str, Callable[[Any, int, str], tuple[int, int]]] = {
     "bixt": bixt_macs,

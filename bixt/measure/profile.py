@@ -116,7 +116,7 @@ class Prepared:
     def build(self, backend: str | None = None) -> torch.nn.Module:
         cfg = self.config
         if backend is not None and hasattr(cfg, "attn_backend"):
-            cfg = dataclasses.replace(cfg, attn_backend=backend)
+            cfg = cfg.replace(attn_backend=backend)
         return get_entry(self.setup.model).build(cfg)
 
 
@@ -182,7 +182,8 @@ def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = No
     return tokens
 
 
-def _trace(prep: Prepared, backend: str | None) -> MacCount:
+def trace(prep: Prepared, backend: str | None) -> MacCount:
+    """fvcore's count of the prepared model on `backend`, at batch 1 and the setup's length (seeded weights)."""
     torch.manual_seed(0)
     model = prep.build(backend)
     return count_macs(model, model.tokenizer.example_input(1, prep.setup.seq_len))
@@ -195,8 +196,8 @@ def count(prep: Prepared) -> dict:
     One trace where the executed backend counts like math (math, fused, or a model without two-sided attention):
     tracing that backend rather than math also spares a ViT at long lengths math's N x N score matrix. Two where
     it does not (sdpa / xformers on BiXT)."""
-    executed = _trace(prep, prep.count_backend)
-    arch = _trace(prep, ARCHITECTURE_BACKEND) if prep.separate_count else executed
+    executed = trace(prep, prep.count_backend)
+    arch = trace(prep, ARCHITECTURE_BACKEND) if prep.separate_count else executed
     closed = analytic_macs(prep.family, prep.config, prep.setup.seq_len, ARCHITECTURE_BACKEND)
     return {"gmacs": arch.total / 1e9, "gmacs_analytic": None if closed is None else closed.total / 1e9,
             "gmacs_attention": arch.attention / 1e9, "gmacs_rest": arch.rest / 1e9,

@@ -69,13 +69,14 @@ class ModelConfig:
         return {"modality": self.modality, "latents": getattr(self, "num_latents", "-"), "dim": self.dim,
                 "depth": self.depth, "heads": self.heads, "tokens": self.default_tokens}
 
-    def replace(self, **changes) -> ModelConfig:
+    def replace(self, owner: str | None = None, /, **changes) -> ModelConfig:
         """A copy with `changes` applied; defaulted fields (see _DEFAULT_FROM) follow their source again, so
-        `cfg.replace(dim=256)` widens the tokens too unless token_dim was set. Unknown names raise."""
+        `cfg.replace(dim=256)` widens the tokens too unless token_dim was set. Unknown names raise a ValueError
+        that names `owner` (e.g. the registered model), else the config class."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - names)
         if unknown:
-            raise ValueError(f"{type(self).__name__} has no option {', '.join(unknown)}: valid options are "
+            raise ValueError(f"{owner or type(self).__name__} has no option {', '.join(unknown)}: valid options are "
                              f"{', '.join(sorted(names))}")
         values = {k: getattr(self, k) for k in names}
         values.update({k: None for k in self._DEFAULT_FROM if k not in self._given})

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class Checkpointer:
     def __init__(self, cfg: TrainConfig, learner: Learner, state: TrainState):
         self.cfg, self.learner, self.state, self.d = cfg, learner, state, learner.d
-        self.run, self.title = Path(cfg.out), f"{cfg.model} on {cfg.data}"
+        self.run = Path(cfg.out)
         self._plotted = time.monotonic()
 
     def begin(self) -> None:
@@ -47,7 +47,7 @@ class Checkpointer:
         if self.d.main:
             rundir.write_metrics(self.run, self.state.history)
             if self.state.epoch == self.cfg.epochs or time.monotonic() - self._plotted > 30:
-                rundir.plot_curves(self.run, self.state.history, self.title)
+                rundir.plot_curves(self.run, self.state.history, self.cfg.title)
                 self._plotted = time.monotonic()
 
     def finish(self, result: TrainResult) -> None:
@@ -55,7 +55,7 @@ class Checkpointer:
         if not self.d.main:
             return
         if self.state.history and result.status == "interrupted":
-            rundir.plot_curves(self.run, self.state.history, self.title)
+            rundir.plot_curves(self.run, self.state.history, self.cfg.title)
         if result.status == "finished":
             summary = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("run", "main")}
             summary.update(model=self.cfg.model, data=self.cfg.data, run=str(self.run))

@@ -52,6 +52,11 @@ class TrainConfig:
                 raise ValueError(f"{message}, got {getattr(self, name)}")
         parse_spec(self.data)
 
+    @property
+    def title(self) -> str:
+        """How progress bars and plots name the run."""
+        return f"{self.model} on {self.data}"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

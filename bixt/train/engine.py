@@ -85,6 +85,11 @@ def predict(model: nn.Module, x: Tensor, pad_id: int | None = None) -> Tensor:
     return model(x) if pad_id is None else model(x, padding_mask=x == pad_id)
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Mixed precision when `amp_dtype` is set (--amp), else a no-op context."""
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, amp_dtype: torch.dtype | None = None,
              workers: int = 0, pad_id: int | None = None) -> dict:
     """Top-1, top-5 (top-k for k = min(5, classes)), mean cross-entropy and samples/s over the whole split.
@@ -96,8 +101,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, am
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, samples
     start = time.perf_counter()
-    autocast = torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(d.device, amp_dtype):
         for x, y in loader(dataset, batches, workers, d.device):
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             logits = predict(model, x, pad_id).float()
@@ -137,7 +141,7 @@ class Learner:
         return self.sched.get_last_lr()[0]
 
     def autocast(self):
-        return torch.autocast(self.d.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        return autocast(self.d.device, self.amp_dtype)
 
     def step(self, loss: Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)

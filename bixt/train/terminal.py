@@ -59,7 +59,7 @@ class ProgressReporter(Reporter):
 def reporter(console, cfg: TrainConfig, steps: int, state: TrainState) -> Reporter:
     if console is None:
         return Reporter()
-    return ProgressReporter(console, f"{cfg.model} on {cfg.data}", cfg.epochs, steps, state)
+    return ProgressReporter(console, cfg.title, cfg.epochs, steps, state)
 
 
 class StopFlag:
