@@ -123,9 +123,8 @@ def fused_length(batch: int = 1) -> int:
     """The shortest square length at which `auto` runs BiXT's cross-attention on the fused backend (CPU, fp32)."""
     from bixt.nn.fused import fused_wins
 
-    probe = torch.empty(1)
-    return next(s * s for s in range(1, 257) if fused_wins(probe.expand(batch, 1, 1, 1),
-                                                           probe.expand(batch, 1, s * s, 1), training=False))
+    cpu = torch.device("cpu")
+    return next(s * s for s in range(1, 257) if fused_wins(cpu, torch.float32, batch * s * s, training=False))
 
 
 @pytest.mark.parametrize("name", ["bixt_ti_l64_p16", "bixt_ti_iterative", "vit_ti_p16", "perceiver_ti"])

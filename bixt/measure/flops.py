@@ -9,14 +9,14 @@ really does something and was not counted (a red flag, not noise).
 Attention cores are counted as the kernels compute them: q k^T and a v, L * S * (E + Ev) per head for L queries
 over S keys, masks and causality ignored (as fvcore does for plain matmuls). On the `math` backend that is plain
 matmuls; on `sdpa` fvcore sees `aten::scaled_dot_product_attention` (or a kernel variant), which it would count as
-0 without the handle here; the `fused` backend is one autograd.Function (prim::PythonOp), counted by its handle
-here. BiXT's two-sided attention computes its similarity matrix once on `math` and `fused` and twice on
-`sdpa` (two one-way calls), so the backends differ by M * N * d_attn per two-sided layer, and each count is right
-for what runs. Headline figures (`bixt profile`'s and `bixt compare`'s `gmacs`, `bixt models`) are the
-architecture's count in the paper's convention, one similarity matrix: the count on `math`, or on any backend that
-counts the same (`counts_like_math`); the count of another backend that ran is reported beside it. The split
-"attention" is the attention cores (SDPA, fused attention ops and the matmul / bmm / einsum products, which in
-these models occur only there; linear layers trace as `aten::linear`); "rest" is everything else.
+0 without the handle here; the `fused` and `triton` backends are each one autograd.Function (prim::PythonOp),
+counted by the handle here. BiXT's two-sided attention computes its similarity matrix once on `math`, `fused` and
+`triton` and twice on `sdpa` (two one-way calls), so the backends differ by M * N * d_attn per two-sided layer, and
+each count is right for what runs. Headline figures (`bixt profile`'s and `bixt compare`'s `gmacs`, `bixt models`)
+are the architecture's count in the paper's convention, one similarity matrix: the count on `math`, or on any
+backend that counts the same (`counts_like_math`); the count of another backend that ran is reported beside it. The
+split "attention" is the attention cores (SDPA, fused attention ops and the matmul / bmm / einsum products, which
+in these models occur only there; linear layers trace as `aten::linear`); "rest" is everything else.
 """
 from __future__ import annotations
 
@@ -75,12 +75,15 @@ def baddbmm_flop_jit(inputs: list, outputs: list) -> int:
     return b * n * m * p
 
 
-# A custom autograd.Function appears in a jit trace as prim::PythonOp.<Class>: the fused backend's op.
+# A custom autograd.Function appears in a jit trace as prim::PythonOp.<Class>: the fused and triton backends' ops
+# (named, not imported: importing the triton one needs triton; tests/test_triton.py checks the name).
 FUSED_OP = f"prim::PythonOp.{fused.FusedBiDirectionalAttention.__name__}"
+TRITON_OP = "prim::PythonOp.TritonBiDirectionalAttention"
 
 
 def fused_flop_jit(inputs: list, outputs: list) -> int:
-    """The fused backend's op (FUSED_OP): MACs of one call from the traced input shapes.
+    """The fused or triton backend's op (FUSED_OP, TRITON_OP; the same computation and arguments): MACs of one call
+    from the traced input shapes.
 
     jit records only the tensor arguments: r_lat, [v_lat], then r_tok and v_tok (4-D) or packed_tok (3-D, both
     halves), then [padding_mask]; four token-or-latent operands mean two-sided.
@@ -89,7 +92,7 @@ def fused_flop_jit(inputs: list, outputs: list) -> int:
     four, packed = [s for s in shapes if len(s) == 4], [s for s in shapes if len(s) == 3]
     operands = len(four) + 2 * len(packed)
     if not four or len(packed) > 1 or operands not in (3, 4):
-        raise ValueError(f"{FUSED_OP} traced with {len(shapes)} complete inputs of unexpected ranks: "
+        raise ValueError("a single-pass attention op traced with {len(shapes)} complete inputs of unexpected ranks: "
                          "trace with concrete tensors")
     (B, H, M, d), N = four[0], packed[0][1] if packed else four[-1][2]
     return fused.fused_macs(B, H, M, N, d, two_sided=operands == 4)
@@ -100,8 +103,9 @@ EXTRA_HANDLES: dict[str, Callable] = {
     **{op: sdpa_flop_jit for op in SDPA_OPS},
     "aten::baddbmm": baddbmm_flop_jit,
     FUSED_OP: fused_flop_jit,
+    TRITON_OP: fused_flop_jit,
 }
-ATTENTION_OPS = frozenset((*SDPA_OPS, *PRODUCT_OPS, FUSED_OP))
+ATTENTION_OPS = frozenset((*SDPA_OPS, *PRODUCT_OPS, FUSED_OP, TRITON_OP))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +252,7 @@ def perceiver_macs(cfg, n: int, backend: str) -> tuple[int, int]:
 
 
 # Backends that build the similarity matrix once for both directions of BiXT's attention.
-SHARED_SCORE_BACKENDS = frozenset({"math", "fused"})
+SHARED_SCORE_BACKENDS = frozenset({"math", "fused", "triton"})
 # The backend whose count is the architecture's (plain matmuls, one similarity matrix): the published convention.
 ARCHITECTURE_BACKEND = "math"
 

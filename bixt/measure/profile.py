@@ -49,8 +49,7 @@ from bixt.measure.flops import (
 )
 from bixt.measure.memory import PeakMemory
 from bixt.models.registry import get_entry, model_config
-from bixt.nn.attention import BiDirectionalCrossAttention, check_backend, resolve_backend
-from bixt.nn.fused import fused_wins
+from bixt.nn.attention import BiDirectionalCrossAttention, auto_bidirectional, check_backend, resolve_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("cpu", "cuda")
@@ -152,11 +151,9 @@ def prepare(setup: Setup) -> Prepared:
         device, dtype = torch.device(setup.device), DTYPES[setup.dtype]
         backend = resolve_backend(cfg.attn_backend, device, dtype)
         if cfg.attn_backend == "auto" and any(isinstance(m, BiDirectionalCrossAttention) for m in model.modules()):
-            probe = torch.empty(1, device=device, dtype=dtype)  # auto picks `fused` by device, dtype and B x N
-            B = setup.batch_size
-            # The backend of an inference forward, the pass GMACs count (train steps switch at fewer tokens).
-            if fused_wins(probe.expand(B, 1, 1, 1), probe.expand(B, 1, setup.seq_len, 1), training=False):
-                backend = "fused"
+            # The backend of an inference forward, the pass GMACs count (train steps may switch at other lengths).
+            tokens = setup.seq_len * (1 if device.type == "cuda" else setup.batch_size)
+            backend = auto_bidirectional(device, dtype, tokens, training=False) or backend
         count_backend = "sdpa" if backend == "xformers" else backend  # xformers runs the same two calls as sdpa
     params = sum(p.numel() for p in model.parameters())
     return Prepared(setup, entry.family, cfg, backend, count_backend, params, has_two_sided_attention(model))
@@ -183,10 +180,21 @@ def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = No
 
 
 def trace(prep: Prepared, backend: str | None) -> MacCount:
-    """fvcore's count of the prepared model on `backend`, at batch 1 and the setup's length (seeded weights)."""
+    """fvcore's count of the prepared model on `backend`, at batch 1 and the setup's length (seeded weights), on
+    the CPU in float32, or on the setup's GPU in its dtype."""
     torch.manual_seed(0)
     model = prep.build(backend)
-    return count_macs(model, model.tokenizer.example_input(1, prep.setup.seq_len))
+    if prep.setup.device == "cpu":
+        return count_macs(model, model.tokenizer.example_input(1, prep.setup.seq_len))
+    # On a GPU the trace runs there, in the setup's dtype: the triton backend has no CPU kernels, and a CPU trace
+    # of a ViT at 10^5 tokens would take longer than the whole sweep (counts do not depend on device or dtype).
+    device, dtype = torch.device(prep.setup.device), DTYPES[prep.setup.dtype]
+    model = model.to(device=device, dtype=dtype)
+    try:
+        return count_macs(model, model.tokenizer.example_input(1, prep.setup.seq_len, device=device, dtype=dtype))
+    finally:
+        del model
+        torch.cuda.empty_cache()
 
 
 def count(prep: Prepared) -> dict:

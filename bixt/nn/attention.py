@@ -10,8 +10,10 @@ Backends, chosen by name:
             at the price of computing R_lat R_tok^T twice; the fused kernels make it the fastest on CPU.
   xformers  the same two calls through xformers' memory-efficient kernel. CUDA only, imported lazily.
   fused     bi-directional attention in one pass over token chunks: A computed once, never kept whole
-            (bixt/fused.py). No attention dropout. One-way attention (latent self-attention) runs on sdpa.
-  auto      the fastest available for the tensor's device and dtype.
+            (bixt/nn/fused.py). No attention dropout. One-way attention (latent self-attention) runs on sdpa.
+  triton    the fused algorithm as Triton GPU kernels (bixt/nn/triton_attention.py), CUDA only (CPU tensors only
+            under TRITON_INTERPRET=1). No attention dropout; one-way attention runs on sdpa.
+  auto      the fastest available for the tensor's device, dtype and length (`auto_bidirectional`).
 
 Padding masks are (B, N) bool with True marking padding (as `key_padding_mask` in torch): a padded token
 gives nothing to the latents. Padded tokens still receive an update themselves; callers ignore it.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,14 @@ from torch import Tensor, nn
 from bixt.nn.fused import fused_bidirectional_attention, fused_wins
 from bixt.nn.layers import split_heads
 
-BACKENDS = ("auto", "math", "sdpa", "xformers", "fused")
+BACKENDS = ("auto", "math", "sdpa", "xformers", "fused", "triton")
+# Tokens PER SAMPLE from which `auto` runs bi-directional attention on triton on CUDA, by (a backward pass follows,
+# half precision). Flash SDPA is weak exactly where a sample's tokens are many: the latents' direction is M = 64
+# queries over N keys, a single query block per head, and its backward is worse still; many short samples keep it
+# busy. Measured on an H200 (benchmarks/bench_triton.py, benchmarks/results/triton_h200_{a,b}.json): bf16 training
+# 0.96x at 16,384 tokens, 2.3x at 65,536; fp32 (no flash kernel) training 1.26x from 4,096, inference 1.38x at
+# 16,384; bf16 inference 0.50x at 65,536 and 1.12x at 2^20, so it stays on flash.
+_TRITON_MIN_TOKENS = {(True, True): 32_768, (True, False): 4_096, (False, True): None, (False, False): 16_384}
 
 
 def check_backend(name: str) -> str:
@@ -42,6 +52,15 @@ def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend `name` stands for on this device and dtype; raises when it cannot run there."""
     check_backend(name)
@@ -52,11 +71,29 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
         if not xformers_available():
             raise ValueError("the xformers backend needs the xformers package: pip install 'bixt[xformers]', "
                              "or use backend 'sdpa'")
-    if name != "auto":
-        return name
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and xformers_available():
-        return "xformers"
-    return "sdpa"
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("the triton backend needs the triton package: pip install 'bixt[triton]' (Linux), "
+                             "or use backend 'auto'")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(f"the triton backend runs on CUDA (tensor is on {device.type}): use backend 'auto', "
+                             "or set TRITON_INTERPRET=1 to run its kernels interpreted (slow; for tests)")
+    # auto's one-way choice is sdpa everywhere: on CUDA torch dispatches it to FlashAttention, which leaves xformers
+    # nothing to add by default (it stays available by name).
+    return name if name != "auto" else "sdpa"
+
+
+def auto_bidirectional(device: torch.device, dtype: torch.dtype, tokens: int, training: bool) -> str | None:
+    """The single-pass backend `auto` runs bi-directional attention on, or None for auto's one-way choice.
+
+    `tokens`: per sample (N) on CUDA, where triton is picked from `_TRITON_MIN_TOKENS`; in the batch (B x N) on
+    CPU, where fused is picked as `fused_wins` says. `training`: whether a backward pass follows."""
+    if device.type == "cuda":
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not triton_available():
+            return None
+        least = _TRITON_MIN_TOKENS[training, dtype != torch.float32]
+        return "triton" if least is not None and tokens >= least else None
+    return "fused" if fused_wins(device, dtype, tokens, training) else None
 
 
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, key_padding_mask: Tensor | None,
@@ -109,12 +146,18 @@ def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, 
     scale = r_lat.shape[-1] ** -0.5 if scale is None else scale
     drop_lat, drop_tok = dropout_p
     name = resolve_backend(backend, r_lat.device, r_lat.dtype)
-    if backend == "auto" and not (drop_lat or drop_tok) and fused_wins(r_lat, r_tok):
-        name = "fused"
-    if name == "fused":
+    if backend == "auto" and not (drop_lat or drop_tok):
+        training = torch.is_grad_enabled() and (r_lat.requires_grad or r_tok.requires_grad)
+        tokens = r_tok.shape[2] * (1 if r_lat.device.type == "cuda" else r_tok.shape[0])
+        name = auto_bidirectional(r_lat.device, r_lat.dtype, tokens, training) or name
+    if name in ("fused", "triton"):
         if drop_lat or drop_tok:
-            raise ValueError("the fused attention backend has no attention dropout: use backend 'auto' or 'sdpa' "
+            raise ValueError(f"the {name} attention backend has no attention dropout: use backend 'auto' or 'sdpa' "
                              "while training with attn_drop > 0")
+        if name == "triton":
+            from bixt.nn.triton_attention import triton_bidirectional_attention
+            return triton_bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale, padding_mask,
+                                                  packed_tok=packed_tok)
         return fused_bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale, padding_mask, packed_tok=packed_tok)
     if name == "math":
         scores = (r_lat @ r_tok.transpose(-2, -1)) * scale  # the one B x H x M x N matrix

@@ -79,16 +79,13 @@ def fused_macs(batch: int, heads: int, latents: int, tokens: int, head_dim: int,
     return batch * heads * latents * tokens * head_dim * (3 if two_sided else 2)
 
 
-def fused_wins(r_lat: Tensor, r_tok: Tensor, training: bool | None = None) -> bool:
-    """Where `auto` picks this backend over sdpa: CPU, float32/64, and at least 4,096 tokens in the batch when a
-    backward pass follows (`training`; default: grad mode is on and an input requires grad), 8,192 when not.
+def fused_wins(device: torch.device, dtype: torch.dtype, tokens: int, training: bool) -> bool:
+    """Where `auto` picks this backend over sdpa: CPU, float32/64, and at least 4,096 tokens in the batch
+    (`tokens` = B x N) when a backward pass follows (`training`), 8,192 when not.
 
     The crossover measured by `python benchmarks/bench_attention.py --crossover` (benchmarks/results/crossover.json).
     """
-    if training is None:
-        training = torch.is_grad_enabled() and (r_lat.requires_grad or r_tok.requires_grad)
-    return (r_lat.device.type == "cpu" and r_lat.dtype in (torch.float32, torch.float64)
-            and r_tok.shape[0] * r_tok.shape[2] >= _AUTO_MIN_TOKENS[training])
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64) and tokens >= _AUTO_MIN_TOKENS[training]
 
 
 def _rows(x: Tensor, n0: int, n1: int, buf: Tensor | None = None) -> Tensor | None:
