@@ -129,6 +129,8 @@ def compare(
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     backend: str = typer.Option(None, help="Attention backend for every model; default: each model's own."),
     fit_from: int = typer.Option(1024, help="Fit exponents over the lengths >= this (all if fewer than two)."),
+    timing: str = typer.Option(None, help="short or full warm-up and timing per mode (default: short with --quick, "
+                                          "else full); short suits GPUs, whose steps take milliseconds."),
 ):
     """BiXT against baselines at growing sequence lengths: GMACs, memory, throughput, fitted exponents, plots."""
     from bixt.measure import compare as cmp
@@ -137,8 +139,11 @@ def compare(
     names = cmp.resolve_models(split_list(models), split_list(baselines))
     lengths = parse_lengths(seq_lens) or (cmp.QUICK["seq_lens"] if quick else cmp.DEFAULT_SEQ_LENS)
     budget = budget_s if budget_s is not None else (cmp.QUICK["budget_s"] if quick else cmp.Sweep.budget_s)
+    if timing not in (None, "short", "full"):
+        raise ValueError(f"unknown --timing {timing!r}: choose short or full")
+    short = timing == "short" or (timing is None and quick)
     sweep = cmp.Sweep(names, lengths, batch_size, device, dtype, backend, budget, parse_modes(mode),
-                      QUICK_PLAN if quick else DEFAULT_PLAN, fit_from, cmp.QUICK["total_s"] if quick else None)
+                      QUICK_PLAN if short else DEFAULT_PLAN, fit_from, cmp.QUICK["total_s"] if quick else None)
     cmp.check_sweep(sweep)
     out = cmp.prepare_out(out)
     console.print(f"[bold]bixt compare[/]: {', '.join(names)} at {', '.join(map(str, sorted(lengths)))} tokens, "

@@ -205,6 +205,7 @@ def test_models_and_baselines():
     (["--budget-s", "0"], "--budget-s must be positive"),
     (["--backend", "xformers"], "CUDA only"),
     (["--mode", "all"], "unknown --mode"),
+    (["--timing", "slow"], "unknown --timing 'slow'"),
 ])
 def test_compare_cli_errors_are_one_line_and_write_nothing(args, message, tmp_path):
     out = tmp_path / "sweep"
@@ -221,6 +222,22 @@ def test_compare_cli_unwritable_out_and_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = runner.invoke(app, ["compare", "--seq-lens", "16", "--device", "cuda", "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "CUDA is not available" in result.output and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("args,plan,total", [([], "full", None), (["--timing", "short"], "short", None),
+                                             (["--quick"], "short", 150.0), (["--quick", "--timing", "full"], "full",
+                                                                             150.0)])
+def test_compare_cli_timing(args, plan, total, tmp_path, monkeypatch):
+    """--timing short takes --quick's short warm-up and timing without its lengths and total budget."""
+    from bixt.measure.profile import DEFAULT_PLAN, QUICK_PLAN
+
+    seen = []
+    monkeypatch.setattr(cmp, "run_sweep", lambda sweep, out, **kw: seen.append(sweep) or [])
+    monkeypatch.setattr(cmp, "finish", lambda *a, **k: None, raising=False)
+    runner.invoke(app, ["compare", "--seq-lens", "16", *args, "--out", str(tmp_path / "s")])
+    assert len(seen) == 1
+    assert seen[0].plan == {"full": DEFAULT_PLAN, "short": QUICK_PLAN}[plan] and seen[0].total_s == total
+    assert seen[0].seq_lens == (16,)
 
 
 @pytest.mark.slow
