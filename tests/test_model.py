@@ -177,3 +177,16 @@ def test_inference_chunks_per_token_branches_without_changing_results():
     torch.testing.assert_close(lat, with_grad_lat, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(tok, with_grad_tok, atol=1e-6, rtol=1e-6)
     assert torch.equal(pts, before)
+
+
+@pytest.mark.parametrize("device,calls", [("cpu", 3), ("meta", 1)])
+def test_token_chunks_only_on_cpu(device, calls):
+    """Chunking is a CPU cache optimisation; elsewhere (a GPU; meta stands in for it here) every chunk would be a
+    handful of kernel launches, so the branch runs once over all tokens."""
+    from bixt.nn.layers import TOKEN_CHUNK, add_per_token
+
+    seen = []
+    x = torch.zeros(1, 2 * TOKEN_CHUNK + 5, 4, device=device)
+    with torch.no_grad():
+        add_per_token(x, lambda part: seen.append(part.shape[1]) or part, training=False)
+    assert len(seen) == calls and sum(seen) == x.shape[1]
