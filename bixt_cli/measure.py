@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperCommand
@@ -47,9 +48,13 @@ def parse_lengths(value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
-        return tuple(int(v) for v in split_list(value))
+        lengths = tuple(int(v) for v in split_list(value))
     except ValueError:
         raise ValueError(f"--seq-lens must be comma-separated integers, got {value!r}: e.g. 256,1024,4096") from None
+    bad = [n for n in lengths if n <= 0]
+    if bad:
+        raise ValueError(f"--seq-lens must be positive, got {bad[0]}: pass numbers of tokens >= 1")
+    return lengths
 
 
 def parse_modes(mode: str) -> tuple[str, ...]:
@@ -72,12 +77,13 @@ def _fmt(value) -> str:
 
 
 def _table(title: str, rows: list[dict], columns: list[str]) -> Table:
-    table = Table(title=title, header_style="bold")
+    """Cells and title are printed literally: messages and paths may hold brackets, which rich reads as markup."""
+    table = Table(title=escape(title), header_style="bold")
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "metric", "status", "message") else "right",
                          overflow="fold")
     for row in rows:
-        table.add_row(*(_fmt(row.get(c)) for c in columns))
+        table.add_row(*(escape(_fmt(row.get(c))) for c in columns))
     return table
 
 
@@ -100,6 +106,8 @@ def profile(
     """Parameters, GMACs (fvcore and closed form), peak memory and throughput of one model at one input size."""
     from bixt.measure.profile import DEFAULT_PLAN, QUICK_PLAN, Setup, profile, tokens_for
 
+    if seq_len is not None and seq_len <= 0:  # named as the option here; Setup's check names the concept
+        raise ValueError(f"--seq-len must be positive, got {seq_len}: pass a number of tokens >= 1")
     overrides = parse_model_args(model_arg)
     setup = Setup(model, tokens_for(model, seq_len, img_size, overrides), batch_size, device, dtype, backend,
                   tuple(overrides.items()))
@@ -147,7 +155,8 @@ def compare(
     cmp.check_sweep(sweep)
     out = cmp.prepare_out(out)
     console.print(f"[bold]bixt compare[/]: {', '.join(names)} at {', '.join(map(str, sorted(lengths)))} tokens, "
-                  f"batch {batch_size}, {device} {dtype}, budget {budget:.0f} s per configuration -> {out}")
+                  f"batch {batch_size}, {device} {dtype}, budget {budget:.0f} s per configuration -> "
+                  f"{escape(str(out))}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("starting", total=len(names) * len(lengths))
@@ -178,4 +187,4 @@ def compare(
                          ["model", "gmacs", "gmacs_analytic", "published_gmacs", "rel_err", "param_count",
                           "published_params"]))
     console.print(f"written to {out}: results.csv, results.json, exponents.csv, ratios.csv, published.csv, "
-                  f"{', '.join(cmp.PLOTS)}")
+                  f"{', '.join(cmp.PLOTS)}", markup=False)

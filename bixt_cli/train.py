@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
-from bixt_cli.app import MODEL_ARG_HELP, app, console, err_console, parse_model_args, user_errors
+from bixt_cli.app import MODEL_ARG_HELP, app, console, err_console, parse_model_args, print_error, user_errors
 
 
 class _TrainCommand(TyperCommand):
@@ -55,17 +56,17 @@ def train_command(
     try:
         result = train(options, config_file=config, resume=resume, console=err_console)
     except TrainingDiverged as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        print_error(str(e))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
         raise typer.Exit(130) from None
     if result.status == "interrupted":
         err_console.print(f"stopped by signal {result.signal}; checkpoint saved: resume with "
-                          f"`bixt train --resume {result.run}`", highlight=False, soft_wrap=True)
+                          f"`bixt train --resume {result.run}`", highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(128 + result.signal)
     if not result.main:  # the other processes of a torchrun job
         return
-    table = Table(title=f"bixt train: {result.run}", header_style="bold", show_header=False)
+    table = Table(title=escape(f"bixt train: {result.run}"), header_style="bold", show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     last = result.last
@@ -77,7 +78,7 @@ def train_command(
                        ("final train acc", f"{100 * last['train_acc']:.2f} %"),
                        ("time", f"{result.seconds:.1f} s"), ("train samples/s", f"{result.samples_per_s:,.0f}"),
                        ("run folder", str(result.run))]:
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))  # the run folder is the user's path: printed literally
     console.print(table)
 
 
@@ -102,7 +103,8 @@ def eval_command(
         json.dump(result, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return
-    table = Table(title=f"{result['model']} on {result['data']}", caption=result["checkpoint"], header_style="bold")
+    table = Table(title=escape(f"{result['model']} on {result['data']}"), caption=escape(result["checkpoint"]),
+                  header_style="bold")  # data spec and path are the user's: printed literally
     for col in ("top-1", "top-5", "loss", "samples", "samples/s"):
         table.add_column(col, justify="right")
     table.add_row(f"{100 * result['top1']:.2f} %", f"{100 * result['top5']:.2f} %", f"{result['loss']:.4f}",

@@ -12,6 +12,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models
+    gain nothing from more, and runs compared to 1e-6 across processes must reduce in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fixture_names() -> list[str]:
     names = sorted(p.stem for p in FIXTURES.glob("*.pt"))
     assert names, f"no parity fixtures found in {FIXTURES}: they are vendored in the repository (tests/fixtures)"

@@ -45,7 +45,7 @@ def test_listops_operators_by_hand():
 def test_listops_spec_and_data():
     assert parse_spec("listops:length=64,train=5") == DataSpec("listops", options={"length": 64, "train": 5})
     for bad, message in [("listops:length=9", "length >= 10"), ("listops:depth=0", "depth >= 1"),
-                         ("listops:size=3", "bad listops option 'size=3': use listops:length=N,train=N"),
+                         ("listops:size=3", "listops has no option 'size', use listops:length=N,train=N"),
                          ("listops:train=0", "train >= 1")]:
         with pytest.raises(ValueError, match=message):
             parse_spec(bad)

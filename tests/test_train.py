@@ -32,12 +32,7 @@ TINY = {"data": "shapes:points=32,train=64,test=32", "model_args": {**TINY_MODEL
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def columns(run: Path) -> list[dict]:

@@ -24,15 +24,15 @@ from __future__ import annotations
 from bixt.data.datasets import CROP_PCT, ImageFolderSplit, ShapesSplit, TensorSplit
 from bixt.data.listops import MIN_LENGTH as LISTOPS_MIN_LENGTH
 from bixt.data.listops import make_expression
-from bixt.data.readers import IMAGE_SUFFIXES, PAD_ID
+from bixt.data.readers import IMAGE_SUFFIXES, PAD_ID, DataFileError
 from bixt.data.shapes import SHAPES, make_shape, random_rotation
 from bixt.data.sources import DEFAULT_MODELS, SPECS, TABLE, build_data, parse_spec
-from bixt.data.spec import Data, DataSpec, Request, Source
+from bixt.data.spec import Data, DataSpec, Request, Source, check_same_classes
 from bixt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageAugment, Normalize, PointAugment, sample_rng
 
 __all__ = [
     "CROP_PCT", "DEFAULT_MODELS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "LISTOPS_MIN_LENGTH", "PAD_ID",
-    "SHAPES", "SPECS", "TABLE", "Data", "DataSpec", "ImageAugment", "ImageFolderSplit", "Normalize",
-    "PointAugment", "Request", "ShapesSplit", "Source", "TensorSplit", "build_data", "make_expression", "make_shape",
-    "parse_spec", "random_rotation", "sample_rng",
+    "SHAPES", "SPECS", "TABLE", "Data", "DataFileError", "DataSpec", "ImageAugment", "ImageFolderSplit", "Normalize",
+    "PointAugment", "Request", "ShapesSplit", "Source", "TensorSplit", "build_data", "check_same_classes",
+    "make_expression", "make_shape", "parse_spec", "random_rotation", "sample_rng",
 ]

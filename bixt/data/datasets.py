@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from bixt.data.readers import DataFileError
 from bixt.data.shapes import SHAPES, make_shape
 from bixt.data.transforms import AUGMENT_STREAM, CLOUD_STREAM, IMAGENET_MEAN, IMAGENET_STD, Normalize, sample_rng
 
@@ -82,13 +83,14 @@ class ImageFolderSplit(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             with Image.open(self.files[i]) as im:
                 im = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{self.files[i]} is not a readable image ({e}): remove or replace it") from None
+        except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error...
+            raise DataFileError(f"{self.files[i]} is not a readable image ({type(e).__name__}: {e}): remove or "
+                                "replace it") from None
         if self.train:
             im = self._random_crop(im, sample_rng(AUGMENT_STREAM, self.seed, self.epoch, i))
         else:

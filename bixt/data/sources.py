@@ -18,6 +18,7 @@ from bixt.data.listops import make_expression
 from bixt.data.readers import (
     PAD_ID,
     byte_rows,
+    check_images,
     cifar_arrays,
     image_files,
     modelnet_arrays,
@@ -27,7 +28,7 @@ from bixt.data.readers import (
     text_files,
 )
 from bixt.data.shapes import SHAPES
-from bixt.data.spec import Data, DataSpec, Request, Source
+from bixt.data.spec import Data, DataSpec, Request, Source, check_memory, check_size
 from bixt.data.transforms import LISTOPS_STREAM, ImageAugment, Normalize, PointAugment, as_ids, resize, sample_rng
 
 
@@ -48,11 +49,17 @@ def load_digits(spec: DataSpec, req: Request) -> Data:
 
 
 SHAPES_OPTIONS = {"points": 1024, "train": 4000, "test": 1000, "seed": 0}
+# generating one cloud holds 2x candidates in float64 with their keys, norms and sort order: ~160 bytes a point,
+# and the float32 clouds of a batch come on top; rounded up
+CLOUD_BYTES_PER_POINT = 256
 
 
 def load_shapes(spec: DataSpec, req: Request) -> Data:
     # a points option in the spec beats the model's point count, which beats the default
     opts = {**SHAPES_OPTIONS, "points": req.points or SHAPES_OPTIONS["points"], **spec.options}
+    check_memory(f"shapes with points={opts['points']}, train={opts['train']}, test={opts['test']}",
+                 opts["points"] * CLOUD_BYTES_PER_POINT + 8 * (opts["train"] + opts["test"]),
+                 "use fewer points or samples")
     aug = PointAugment(rotate=True, scale=(0.9, 1.1), jitter=0.005) if req.augment else None
     return Data("shapes", "points", len(SHAPES), 3,
                 ShapesSplit(opts["train"], opts["points"], opts["seed"], 0, aug, req.seed),
@@ -62,11 +69,18 @@ def load_shapes(spec: DataSpec, req: Request) -> Data:
 def load_imagefolder(spec: DataSpec, req: Request) -> Data:
     tdir, val, classes = split_folders(spec.path, ("val",), "images", req.need_train)
     size = req.img_size or 224
+    # each image is decoded, cropped and normalized in float32 (~4 copies of 3 x size x size)
+    check_memory(f"one image at img_size={size}", 48 * size * size, "use a model with a smaller img_size")
+    workers = min(8, _cpus())
     train = None
     if tdir is not None:
-        train = ImageFolderSplit(*image_files(tdir, classes, "train/<class>/<image>"), size, req.augment, req.seed)
-    test = ImageFolderSplit(*image_files(val, classes, "val/<class>/<image>"), size, False)
-    return Data("imagefolder", "image", len(classes), 3, train, test, classes, workers=min(8, _cpus()))
+        files, labels = image_files(tdir, classes, "train/<class>/<image>")
+        check_images(files, workers)
+        train = ImageFolderSplit(files, labels, size, req.augment, req.seed)
+    files, labels = image_files(val, classes, "val/<class>/<image>")
+    check_images(files, workers)
+    test = ImageFolderSplit(files, labels, size, False)
+    return Data("imagefolder", "image", len(classes), 3, train, test, classes, workers=workers)
 
 
 class CifarLayout(NamedTuple):
@@ -95,8 +109,10 @@ def load_cifar(layout: CifarLayout, spec: DataSpec, req: Request) -> Data:
     root = root / layout.folder if (root / layout.folder).is_dir() else root
     test = cifar_arrays([root / layout.test_file], layout.label_key, k)
     meta = root / layout.meta_file
-    classes = [n.decode() if isinstance(n, bytes) else str(n)
+    classes = [n.decode(errors="replace") if isinstance(n, bytes) else str(n)
                for n in read_batch(meta).get(layout.names_key, [])] if meta.is_file() else []
+    if classes and len(classes) != k:
+        raise ValueError(f"{meta} names {len(classes)} classes, {kind} has {k}: is it the right CIFAR variant?")
     norm = Normalize(layout.mean, layout.std)
     aug = ImageAugment(translate=0.125, flip=True) if req.augment else None
     train = None
@@ -116,7 +132,7 @@ def load_modelnet40(spec: DataSpec, req: Request) -> Data:
                                     "files (ply_data_train0.h5 ..., ply_data_test0.h5 ...)")
     n = req.points or 1024
     names = root / "shape_names.txt"
-    classes = names.read_text().split() if names.is_file() else [str(i) for i in range(40)]
+    classes = _names(names) if names.is_file() else [str(i) for i in range(40)]
     aug = PointAugment(scale=(2 / 3, 3 / 2), anisotropic=True, translate=0.2) if req.augment else None
     train = TensorSplit(*modelnet_arrays(found["train"], n), aug, None, req.seed) if req.need_train else None
     test = TensorSplit(*modelnet_arrays(found["test"], n))
@@ -124,6 +140,13 @@ def load_modelnet40(spec: DataSpec, req: Request) -> Data:
     if top >= len(classes):
         raise ValueError(f"{root} has label {top} but {len(classes)} class names: fix shape_names.txt")
     return Data("modelnet40", "points", len(classes), 3, train, test, classes)
+
+
+def _names(path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").split()
+    except UnicodeDecodeError:  # a ValueError that would not name the file
+        raise ValueError(f"{path} is not UTF-8 text: it should list the class names, one a line") from None
 
 
 def _listops_split(size: int, length: int, depth: int, data_seed: int, split: int) -> TensorSplit:
@@ -136,10 +159,14 @@ def _listops_split(size: int, length: int, depth: int, data_seed: int, split: in
 
 
 LISTOPS_OPTIONS = {"length": 512, "train": 10000, "test": 2000, "depth": 4, "seed": 0}
+LISTOPS_MAX_DEPTH = 100  # the generator recurses once per level (LRA uses 10): deeper would hit Python's limit
 
 
 def load_listops(spec: DataSpec, req: Request) -> Data:
     o = {**LISTOPS_OPTIONS, **spec.options}
+    # a sample is held twice while generating (its text, then its row) plus ~50 bytes of Python object
+    check_memory(f"listops with length={o['length']}, train={o['train']}, test={o['test']}",
+                 (o["train"] + o["test"]) * (2 * o["length"] + 50), "use a shorter length or fewer samples")
     train = _listops_split(o["train"], o["length"], o["depth"], o["seed"], 0) if req.need_train else None
     test = _listops_split(o["test"], o["length"], o["depth"], o["seed"], 1)
     return Data("listops", "sequence", 10, 0, train, test, [str(i) for i in range(10)], vocab_size=256,
@@ -168,7 +195,7 @@ TABLE: dict[str, Source] = {
     "cifar100": Source(functools.partial(load_cifar, CIFAR100), ("bixt_ti_l64_p16s4", {"img_size": 32}), path=True),
     "modelnet40": Source(load_modelnet40, ("bixt_ti_l64_points", {}), path=True),
     "listops": Source(load_listops, ("bixt_bytes", {}), options=LISTOPS_OPTIONS,
-                      least={"seed": 0, "length": LISTOPS_MIN_LENGTH}),
+                      least={"seed": 0, "length": LISTOPS_MIN_LENGTH}, most={"depth": LISTOPS_MAX_DEPTH}),
     "textfolder": Source(load_textfolder, ("bixt_ti_l64_text", {}), path=True),
 }
 SPECS = tuple(source.usage(kind) for kind, source in TABLE.items())
@@ -195,6 +222,8 @@ def build_data(spec: str | DataSpec, *, img_size: int | None = None, points: int
     spec = spec if isinstance(spec, DataSpec) else parse_spec(spec)
     if spec.kind not in TABLE:
         raise ValueError(f"unknown data kind {spec.kind!r}: use one of {', '.join(SPECS)}")
+    for name, value in (("img_size", img_size), ("points", points), ("seq_len", seq_len)):
+        check_size(name, value)
     request = Request(img_size=img_size, points=points, seq_len=seq_len, seed=seed, augment=augment,
                       need_train=need_train)
     return TABLE[spec.kind].load(spec, request)

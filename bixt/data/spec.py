@@ -3,15 +3,23 @@
 A kind's spec takes one of three forms, which its row declares: the bare kind (`digits`), the kind and a path
 (`cifar10:PATH`), or the kind and integer options with defaults (`shapes:points=4096`). The row both parses the
 argument and writes the kind's usage line, so the two cannot drift apart.
+
+Also the limits every loader checks before allocating (a spec's numbers, the sizes a model asks for, memory), and
+`check_same_classes`, which tells whether two data sets' labels mean the same classes.
 """
 from __future__ import annotations
 
+import numbers
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.utils.data import Dataset
+
+MAX_OPTION = 2**31 - 1  # a count or size beyond this is a typo, not a data set (and overflows int32 indexing)
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class Data:
     in_chans: int  # 0: integer ids
     train: Dataset | None
     test: Dataset
-    classes: list[str]
+    classes: list[str]  # the class names in label order (check_same_classes compares two data sets' names)
     workers: int = 0  # DataLoader workers worth using (decoding files); in-memory sets need none
     vocab_size: int = 0  # sequences of ids: how many there are
     pad_id: int | None = None  # sequences of ids: the id that pads them, to be passed to the model as a mask
@@ -63,13 +71,14 @@ class Request:
 class Source:
     """One data kind: `load(spec, request) -> Data`, the model it trains when --model is not given (name,
     overrides of its config), and the argument its spec takes: `path`, or `options` (their defaults; each at
-    least its `least` entry, else 1), or neither."""
+    least its `least` entry, else 1, and at most its `most` entry, else MAX_OPTION), or neither."""
 
     load: Callable[[DataSpec, Request], Data]
     default_model: tuple[str, dict]
     path: bool = False
     options: Mapping[str, int] = field(default_factory=dict)
     least: Mapping[str, int] = field(default_factory=dict)
+    most: Mapping[str, int] = field(default_factory=dict)
 
     def usage(self, kind: str) -> str:
         if self.path:
@@ -86,14 +95,70 @@ class Source:
             return DataSpec(kind, Path(rest).expanduser())
         if not self.options:
             return None if rest else DataSpec(kind)
-        options, usage = {}, ",".join(f"{k}=N" for k in self.options)
-        for item in filter(None, rest.split(",")):
-            key, _, value = item.partition("=")
-            if key not in self.options or not re.fullmatch(r"\d+", value):
-                raise ValueError(f"bad {kind} option {item!r}: use {kind}:{usage} with non-negative integers")
-            options[key] = int(value)
-        for key, value in options.items():
-            least = self.least.get(key, 1)
-            if value < least:
-                raise ValueError(f"{kind} needs {key} >= {least}, got {value}")
+        options, usage = {}, f"{kind}:{','.join(f'{k}=N' for k in self.options)}"
+        for item in filter(None, (i.strip() for i in rest.split(","))):
+            key, _, value = (part.strip() for part in item.partition("="))
+            if key not in self.options:
+                raise ValueError(f"bad {kind} option {item!r}: {kind} has no option {key!r}, use {usage}")
+            if key in options:
+                raise ValueError(f"--data key {key!r} given twice in {kind}:{rest}: give each key once")
+            options[key] = self._number(kind, key, value)
         return DataSpec(kind, options=options)
+
+    def _number(self, kind: str, key: str, value: str) -> int:
+        least, most = self.least.get(key, 1), self.most.get(key, MAX_OPTION)
+        if not re.fullmatch(r"[0-9]+", value):
+            raise ValueError(f"bad {kind} option {key}={value!r}: {key} takes a whole number from {least} to {most}")
+        # compared as digits first: int() refuses strings over 4,300 digits with an error of its own
+        if len(value.lstrip("0")) > len(str(most)) or int(value) > most:
+            shown = value if len(value) <= 20 else f"{value[:8]}...({len(value)} digits)"
+            raise ValueError(f"{kind} {key}={shown} is too large: use {key} <= {most}")
+        if int(value) < least:
+            raise ValueError(f"{kind} needs {key} >= {least}, got {int(value)}: use {key}={least} or more")
+        return int(value)
+
+
+# ----------------------------------------------------------------------------------------------------- limits
+def memory_bytes() -> int | None:
+    """The memory this process may use: physical memory, or a container's (cgroup v2) limit when lower; None
+    where the system does not say."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+    try:
+        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(cap)) if cap.isdigit() else total
+
+
+def check_memory(what: str, nbytes: float, fix: str) -> None:
+    """Refuse data that cannot fit in memory before allocating it: numpy and torch would fail midway with a
+    MemoryError traceback (or the system would start killing processes)."""
+    limit = memory_bytes()
+    if limit is not None and nbytes > limit:
+        raise ValueError(f"{what} needs about {nbytes / GIB:,.1f} GiB of memory, more than this machine's "
+                         f"{limit / GIB:,.1f} GiB: {fix}")
+
+
+def check_size(name: str, value: int | None) -> None:
+    """A size a model asks the data for (img_size, points, seq_len): None or a whole number in 1..MAX_OPTION."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
+    if value is not None and not (whole and 1 <= value <= MAX_OPTION):
+        raise ValueError(f"the model's {name}={value!r} is not a usable size: set {name} to a whole number from 1 "
+                         f"to {MAX_OPTION} (--model-arg {name}=N)")
+
+
+def check_same_classes(expected: Sequence[str], found: Sequence[str]) -> None:
+    """Refuse data whose label i is not the class i a model was trained on: `expected` are the training data's
+    class names in label order, `found` the data's (`Data.classes`). Fewer classes pass when they are the first
+    ones, since then every label still means the same class."""
+    expected, found = [str(c) for c in expected], [str(c) for c in found]
+    if len(found) > len(expected):
+        raise ValueError(f"the data has {len(found)} classes but the model was trained on {len(expected)}: "
+                         "evaluate on data with the classes the model was trained on")
+    for i, (want, got) in enumerate(zip(expected, found, strict=False)):
+        if want != got:
+            raise ValueError(f"the data's class {i} is {got!r} but the model's class {i} is {want!r}: evaluate on "
+                             "data with the class folders (names) the model was trained on")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bixt.data.shapes import random_rotation
+from bixt.data.spec import check_memory
 
 # Tags keeping the random streams apart: the first entry of every sample_rng key. Kept side by side so that a new
 # stream cannot reuse one by accident.
@@ -81,4 +82,7 @@ def resize(x: Tensor, size: int | None) -> Tensor:
     """A batch of images (..., H, W) resized to size x size (bilinear, antialiased); unchanged when None or equal."""
     if size is None or x.shape[-1] == size and x.shape[-2] == size:
         return x
+    # the resized copy in float32, and as much again for the antialiasing pass
+    check_memory(f"{len(x)} images resized to img_size={size}", 8 * x[..., 0, 0].numel() * size * size,
+                 "use a model with a smaller img_size")
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from bixt.io.atomic import atomic_path
 from bixt.models.registry import entry_for, get_entry, list_models
 
 _WRAPPERS = ("state_dict", "model", "model_ema", "state_dict_ema", "module")
+FORMATS = "a .safetensors file or one written by torch.save (.pt, .pth, .pth.tar)"
 
 
 def refusal(e: pickle.UnpicklingError) -> str:
@@ -34,8 +36,12 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Tensor]:
         state = source
     else:
         path = Path(source)
+        if path.is_dir():
+            raise IsADirectoryError(f"checkpoint {path} is a folder: give a weights file (.safetensors, .pt, .pth)")
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist: check the path")
+        if path.stat().st_size == 0:  # an interrupted copy or download; torch.load would fail with an IndexError
+            raise ValueError(f"checkpoint {path} is empty (0 bytes): re-save or re-download it")
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError
             from safetensors.torch import load_file
@@ -50,10 +56,18 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Tensor]:
                 with torch.serialization.safe_globals([argparse.Namespace]):
                     state = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
+                if "GLOBAL" not in str(e):  # an opcode the safe unpickler does not read: not torch.save's output
+                    raise ValueError(f"{path} is not a readable PyTorch checkpoint ({refusal(e)}): expected "
+                                     f"{FORMATS}") from None
                 raise ValueError(f"{path} holds more than tensors and was refused, not unpickled ({refusal(e)}): "
                                  "load only checkpoints you trust, converted to .safetensors") from None
-            except (RuntimeError, EOFError, OSError) as e:
-                raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+            except MemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- a truncated or foreign file fails in any of the (safe)
+                # unpickler's ways (EOFError, IndexError, KeyError, struct.error...): all mean "not readable"
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first}): it is "
+                                 f"truncated or not {FORMATS}") from None
     while isinstance(state, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
         inner = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), Mapping)), None)
         if inner is None:
@@ -132,7 +146,15 @@ def save_weights(state: nn.Module | Mapping[str, Tensor], path: str | os.PathLik
 
     if isinstance(state, nn.Module):
         state = state.state_dict()
+    from safetensors import SafetensorError
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp)
+        try:
+            save_file(tensors, tmp)
+        except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
     return Path(path)

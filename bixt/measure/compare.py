@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from bixt.measure.profile import (
     MODES,
     Plan,
     Setup,
+    _first_line,
     count,
     describe,
     failure,
@@ -112,9 +114,9 @@ def check_sweep(sweep: Sweep) -> None:
     """Every configuration is valid (lengths, batch, device, backend): fail before anything runs or is written."""
     if not sweep.models or not sweep.seq_lens:
         raise ValueError("nothing to compare: give at least one model and one sequence length")
-    if sweep.budget_s <= 0 or (sweep.total_s is not None and sweep.total_s <= 0):
-        raise ValueError(f"--budget-s must be positive, got {sweep.budget_s}: pass the seconds one configuration "
-                         "may take")
+    if not 0 < sweep.budget_s < math.inf or (sweep.total_s is not None and not 0 < sweep.total_s < math.inf):
+        raise ValueError(f"--budget-s must be positive and finite, got {sweep.budget_s}: pass the seconds one "
+                         "configuration may take")  # nan compares false both ways: it would pass `<= 0`
     for model in sweep.models:
         for n in sweep.seq_lens:
             prepare(sweep.setup(model, n))
@@ -275,7 +277,8 @@ def run_config(sweep: Sweep, model: str, n: int, steps: StepModel, runner: Runne
         try:
             row.update(counter(prep))
         except Exception as e:  # noqa: BLE001 -- recorded as the row's error; the sweep goes on
-            row.update(status="oom" if is_oom(e) else "error", message=f"count: {type(e).__name__}: {e}")
+            row.update(status="oom" if is_oom(e) else "error",
+                       message=f"count: {type(e).__name__}: {_first_line(e)}")  # CUDA's OOM text runs to lines
 
     closed = analytic_macs(prep.family, prep.config, n, ARCHITECTURE_BACKEND)
     row["gmacs_analytic"] = None if closed is None else closed.total / 1e9
@@ -303,7 +306,8 @@ def run_config(sweep: Sweep, model: str, n: int, steps: StepModel, runner: Runne
             try:
                 results[mode] = runner(prep.setup, mode, sweep.plan, 3 * sweep.budget_s)
             except Exception as e:  # noqa: BLE001
-                results[mode] = failure("oom" if is_oom(e) else "error", f"{mode}: {type(e).__name__}: {e}")
+                results[mode] = failure("oom" if is_oom(e) else "error",
+                                        f"{mode}: {type(e).__name__}: {_first_line(e)}")
         row.update(mode_columns(mode, results[mode]))
     bad = [r for r in results.values() if r["status"] != "ok"]
     if bad:  # the row's status: oom, then error, then skipped (oom is the expected failure at long lengths)

@@ -143,6 +143,9 @@ def prepare(setup: Setup) -> Prepared:
             raise ValueError(f"{setup.model} has no attention backends to choose from: leave out --backend")
         overrides["attn_backend"] = check_backend(setup.backend)
     cfg = model_config(setup.model, **overrides)
+    if input_bytes(setup, cfg) >= 2 ** 62:  # torch could not even describe the input (sizes are int64)
+        raise ValueError(f"the sequence length {setup.seq_len} at batch {setup.batch_size} is far beyond any "
+                         "machine's memory: use a shorter --seq-len")
     with torch.device("meta"):  # cheap: checks the input length (e.g. a square grid for images) without weights
         model = get_entry(setup.model).build(cfg)
         model.tokenizer.example_input(1, setup.seq_len, device="meta")
@@ -157,6 +160,35 @@ def prepare(setup: Setup) -> Prepared:
         count_backend = "sdpa" if backend == "xformers" else backend  # xformers runs the same two calls as sdpa
     params = sum(p.numel() for p in model.parameters())
     return Prepared(setup, entry.family, cfg, backend, count_backend, params, has_two_sided_attention(model))
+
+
+def input_bytes(setup: Setup, cfg) -> int:
+    """A lower bound on the memory of one step: the larger of the raw input (images: every pixel of the grid) and
+    the embedded tokens, at the setup's batch and dtype."""
+    per_token = cfg.in_chans * cfg.stride ** 2 if cfg.modality == "image" else max(cfg.in_chans, 1)
+    width = getattr(cfg, "token_dim", None) or cfg.dim
+    return setup.batch_size * setup.seq_len * max(per_token, width) * DTYPES[setup.dtype].itemsize
+
+
+def device_memory(device: str) -> int | None:
+    """Total memory of the device in bytes (CPU: physical RAM), None where it cannot be read."""
+    try:
+        if device == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def check_fits(prep: Prepared) -> None:
+    """Refuse a setup whose input alone exceeds the device's whole memory: it cannot run, and trying would leave
+    the parent process (the count runs there) to the OOM killer rather than to a message."""
+    s = prep.setup
+    need, total = input_bytes(s, prep.config), device_memory(s.device)
+    if total and need > total:
+        raise ValueError(f"--seq-len {s.seq_len} at --batch-size {s.batch_size} needs {need / 2 ** 30:,.1f} GiB for "
+                         f"the input alone, more than the {total / 2 ** 30:,.1f} GiB of this {s.device}: use a shorter "
+                         "--seq-len or a smaller --batch-size")
 
 
 def tokens_for(model: str, seq_len: int | None = None, img_size: int | None = None,
@@ -319,11 +351,22 @@ def profile(setup: Setup, modes: tuple[str, ...] = MODES, plan: Plan = DEFAULT_P
             timeout: float | None = None) -> dict:
     """Everything `bixt profile` reports for one setup: one flat dict (see the module docstring for the keys)."""
     prep = prepare(setup)
+    check_fits(prep)
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ValueError(f"unknown mode {', '.join(unknown)}: choose from {', '.join(MODES)}")
     report = describe(prep)
-    report.update(count(prep))
+    report.update(count_status="ok", count_message="")
+    try:
+        report.update(count(prep))
+    except Exception as e:  # the count runs in this process: an OOM there is a result (as a mode's), not a crash
+        if not is_oom(e):
+            raise
+        closed = analytic_macs(prep.family, prep.config, setup.seq_len, ARCHITECTURE_BACKEND)
+        report.update(dict.fromkeys(("gmacs", "gmacs_attention", "gmacs_rest", "gmacs_executed", "unsupported_ops")),
+                      gmacs_analytic=None if closed is None else closed.total / 1e9,
+                      macs_backend=prep.count_backend or "-", count_status="oom",
+                      count_message=f"count: {type(e).__name__}: {_first_line(e)}")
     for mode in MODES:
         report.update(mode_columns(mode, measure(setup, mode, plan, timeout) if mode in modes else None))
     return report

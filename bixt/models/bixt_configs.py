@@ -26,7 +26,8 @@ class BiXTConfig(ModelConfig):
     cross_attention: str = "bidirectional"  # bidirectional | sequential | iterative: ablations, see CROSS_ATTENTION
     # dense_classes > 0 (ModelConfig): a per-token head on the token stream, and the last layer stays two-sided.
 
-    _POSITIVE: ClassVar[tuple[str, ...]] = ("num_latents", "dim", "depth", "heads", "mlp_ratio")
+    _POSITIVE: ClassVar[tuple[str, ...]] = ("num_latents", "dim", "depth", "heads", "mlp_ratio", "token_dim",
+                                            "attn_dim", "cross_heads")
     _DEFAULT_FROM: ClassVar[dict[str, str]] = {"token_dim": "dim", "attn_dim": "dim", "cross_heads": "heads"}
 
     def __post_init__(self):

@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from bixt.nn.attention import check_backend
 from bixt.nn.tokenizers import MODALITIES
+
+# Declared field types (annotations are strings here) -> (accepts a value?, what the error calls it). numbers' ABCs
+# take numpy's integers too (a class count read from data); bool is an int in Python, but `depth=true` is a mistake.
+_TYPES = {
+    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+# Input fields every family reads: a zero stride or grid would fail as a ZeroDivisionError, a negative channel count
+# as a tensor of negative size.
+_POSITIVE_INPUT = ("img_size", "patch_size", "stride", "seq_len")
+_NON_NEGATIVE_INPUT = ("in_chans", "vocab_size", "fourier_bands")
 
 
 @dataclass(frozen=True)
@@ -48,17 +62,42 @@ class ModelConfig:
         for name, source in self._DEFAULT_FROM.items():
             if name not in given:
                 object.__setattr__(self, name, getattr(self, source))
+        self._check_types()
         if self.modality not in MODALITIES:
             raise ValueError(f"unknown modality {self.modality!r}: choose one of {', '.join(MODALITIES)}")
-        for name in self._POSITIVE:
+        for name in (*self._POSITIVE, *_POSITIVE_INPUT):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE_INPUT:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads={self.heads}: choose heads that divide it "
                              f"(e.g. {self.dim // 32 or 1} for head dim 32)")
         if self.num_classes < 0 or self.dense_classes < 0:
             raise ValueError("num_classes and dense_classes must be >= 0")
         check_backend(self.attn_backend)
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type. Overrides come from the command line (--model-arg
+        depth=abc) and config files as YAML scalars; a wrong type would otherwise fail later, deep in the model's
+        construction, as a TypeError. A float field takes an int, and a string YAML left unread ("1e-5")."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            kinds = [k.strip() for k in declared.split("|")]
+            if value is None and "None" in kinds:
+                continue
+            if "float" in kinds and isinstance(value, str):
+                try:
+                    value = float(value)
+                    object.__setattr__(self, f.name, value)
+                except ValueError:
+                    pass
+            known = [k for k in kinds if k in _TYPES]
+            if known and not any(_TYPES[k][0](value) for k in known):
+                raise ValueError(f"model arg {f.name} must be {' or '.join(_TYPES[k][1] for k in known)}, "
+                                 f"got {value!r}")
 
     @property
     def default_tokens(self) -> int:

@@ -20,9 +20,7 @@ def build_for_data(name: str, model_args: dict, data_spec: str, *, seed: int = 0
                    need_train: bool = True, fit_data: bool = True):
     """(model config, data, overrides): the data sized for the model's input, the model's classes and input
     channels set from the data when `fit_data` (a fresh model), else checked against it (trained weights)."""
-    from bixt.models.registry import model_config
-
-    mcfg = model_config(name, **model_args)
+    mcfg = checked_config(name, model_args)
     modality = getattr(mcfg, "modality", "image")
     spec = parse_spec(data_spec)
     data = build_data(spec, img_size=getattr(mcfg, "img_size", None) if modality == "image" else None,
@@ -38,7 +36,48 @@ def build_for_data(name: str, model_args: dict, data_spec: str, *, seed: int = 0
         model_args = {**model_args, **wanted}
     else:
         _check_fits(name, mcfg, data, spec)
-    return model_config(name, **model_args), data, model_args
+    return checked_config(name, model_args), data, model_args
+
+
+def checked_config(name: str, model_args: dict):
+    """The registry's model_config, a wrongly typed model_args value (a config file's `depth: abc`) reported as a
+    user error naming the key, not as the TypeError of whatever compares or multiplies it first."""
+    from bixt.models.registry import model_config as config
+
+    try:
+        return config(name, **model_args)
+    except TypeError as e:
+        raise _type_error(name, model_args, e) from None
+
+
+def build_model(name: str, mcfg, model_args: dict):
+    """The registered model built from `mcfg`: a value of the right kind for the config can still be the wrong
+    one for the layers (depth: 2.5), a user error too."""
+    from bixt.models.registry import get_entry
+
+    try:
+        return get_entry(name).build(mcfg)
+    except TypeError as e:
+        raise _type_error(name, model_args, e) from None
+
+
+def _type_error(name: str, model_args: dict, error: TypeError) -> ValueError:
+    from bixt.models.registry import model_config as config
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(config(name))}
+    for key, value in model_args.items():
+        kinds = [k.strip() for k in types.get(key, "").split("|") if k.strip()]
+        if kinds and not any(_is_kind(value, k) for k in kinds):
+            return ValueError(f"model_args: {key} must be {' or '.join(kinds)}, got {value!r}: fix {key} in the "
+                              f"config file's model_args (or --model-arg {key}=...)")
+    return ValueError(f"model_args {model_args} do not fit {name} ({error}): give each field a value of the type "
+                      "of its default")
+
+
+def _is_kind(value, kind: str) -> bool:
+    checks = {"int": lambda v: type(v) is int, "float": lambda v: type(v) in (int, float),
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str), "None": lambda v: v is None}
+    return checks[kind](value) if kind in checks else True  # a kind not listed here is taken on trust
 
 
 def _check_fits(name: str, mcfg, data, spec) -> None:

@@ -6,6 +6,7 @@ given. The resolved config is saved as config.yaml in the run folder (timm's arg
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class TrainConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+        _check_finite(self)
         checks = [(self.epochs >= 1, "--epochs must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
                   (self.lr > 0, "--lr must be > 0"), (self.min_lr >= 0, "min_lr must be >= 0"),
                   (self.weight_decay >= 0, "--weight-decay must be >= 0"),
@@ -61,6 +63,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _check_finite(cfg: TrainConfig) -> None:
+    """Every float option finite: inf passes the range checks (inf > 0) and trains to NaN weights saved as best."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            option = f"--{f.name.replace('_', '-')}" if f.name in CLI_FLOATS else f.name
+            fix = "; null for no clipping" if f.name == "clip_grad" else ""
+            raise ValueError(f"{option} must be a finite number, got {value}: give a finite value (the default is "
+                             f"{f.default}{fix})")
+
+
+CLI_FLOATS = ("lr", "weight_decay", "warmup_epochs")  # the float options `bixt train` has flags for
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Options that change no number a run computes: they may differ when resuming.
 RESUME_FREE = ("device", "workers", "out")
@@ -97,7 +111,10 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist: check the path")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text: give a TOML or YAML file") from None
     if path.suffix == ".toml":
         import tomllib
 
@@ -132,6 +149,10 @@ def find_run(resume: str | Path) -> Path:
         raise FileNotFoundError(f"--resume {path} does not exist: give a run folder (with {rundir.CONFIG})")
     if not (run / rundir.CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a bixt run folder: {rundir.CONFIG} is missing there")
+    if not (run / rundir.STATE).is_file():  # the run stopped before its first checkpoint: nothing to go on from
+        raise FileNotFoundError(f"{run / rundir.STATE} does not exist, so there is nothing to resume: start a new "
+                                f"run with --out (a new folder, or delete {run} first), or point --resume at a run "
+                                "folder with a checkpoint")
     return run
 
 

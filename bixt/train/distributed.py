@@ -95,7 +95,7 @@ def on_main(d: Dist, fn: Callable):
     if d.main:
         try:
             result = fn()
-        except (ValueError, FileNotFoundError, FileExistsError) as e:
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
             error = e
     result, error = broadcast(d, (result, error))
     if error is not None:

@@ -119,7 +119,8 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, am
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before that step changed any weight."""
+    """The loss, the gradients, the weights or the test loss became NaN or infinite; the run stopped before
+    saving anything of it."""
 
 
 @dataclass
@@ -143,15 +144,27 @@ class Learner:
     def autocast(self):
         return autocast(self.d.device, self.amp_dtype)
 
-    def step(self, loss: Tensor) -> None:
+    def step(self, loss: Tensor) -> str | None:
+        """One optimizer step. Returns what became non-finite (None: nothing did): the gradient norm, found before
+        the update, or a weight after it (a finite loss can still overflow the weights, e.g. with a huge lr)."""
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.clip_grad is not None:
             self.scaler.unscale_(self.opt)  # clip the true gradients, not the loss-scaled ones
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-        self.scaler.step(self.opt)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            # fp16 loss scaling overflows on purpose now and then: the scaler skips those steps itself.
+            if not self.scaler.is_enabled() and not torch.isfinite(norm):
+                return f"the gradient norm is {norm.item()}"
+        try:
+            self.scaler.step(self.opt)
+        except RuntimeError as e:  # an lr near float32's limit: the update itself cannot be represented
+            if "overflow" not in str(e):
+                raise
+            return "the weight update overflows float32"
         self.scaler.update()
         self.sched.step()
+        name = non_finite_weight(self.model)
+        return None if name is None else f"weight {name} is not finite after the update"
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
@@ -162,6 +175,20 @@ class Learner:
         self.sched.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def non_finite_weight(model: nn.Module) -> str | None:
+    """The name of a parameter holding inf or NaN, None when all are finite (one device sync in the usual case)."""
+    params = [p.detach() for p in model.parameters() if p.numel()]
+    if not params:
+        return None
+    if hasattr(nn.utils, "get_total_norm"):  # torch >= 2.6: the max |w| of all of them in one fused pass
+        peak = nn.utils.get_total_norm(params, norm_type=math.inf)
+    else:
+        peak = torch.stack([p.abs().max().float() for p in params]).max()
+    if torch.isfinite(peak):
+        return None
+    return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), "?")
 
 
 def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist) -> Learner:
@@ -215,7 +242,10 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
                                        float(not math.isfinite(value)), float(stop.signum > 0)]))
         if stats.diverged:
             raise _diverged(value, state, Path(cfg.out) / rundir.LAST)
-        learner.step(loss)
+        problem = learner.step(loss)
+        # Replicas hold the same weights and gradients, but every process must stop at the same step.
+        if all_sum(d, [float(problem is not None)])[0]:
+            raise _diverged_update(problem, state, Path(cfg.out) / rundir.LAST)
         state.record_step(stats)
         speed.samples += int(stats.samples)
         report.step(state)
@@ -228,15 +258,29 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
     return finished
 
 
-def validate(cfg: TrainConfig, learner: Learner, data: Data) -> dict:
-    """The test split after an epoch, in batches twice the training's: no activations are kept for a backward."""
-    return evaluate(learner.model, data.test, max(1, 2 * cfg.batch_size // learner.d.world), learner.d,
+def validate(cfg: TrainConfig, learner: Learner, data: Data, state: TrainState) -> dict:
+    """The test split after epoch `state.epoch`, in batches twice the training's: no activations are kept for a
+    backward. A non-finite test loss (finite but huge weights) stops the run before the epoch is saved."""
+    test = evaluate(learner.model, data.test, max(1, 2 * cfg.batch_size // learner.d.world), learner.d,
                     amp_dtype=learner.amp_dtype, workers=data.workers, pad_id=data.pad_id)
+    if not math.isfinite(test["loss"]):
+        raise TrainingDiverged(f"test loss is {test['loss']} after epoch {state.epoch + 1}; nothing of that epoch "
+                               f"was saved; {_last_good(Path(cfg.out) / rundir.LAST)}")
+    return test
 
 
 def _diverged(value: float, state: TrainState, last: Path) -> TrainingDiverged:
     where = value if not math.isfinite(value) else "non-finite on another process"
     return TrainingDiverged(
         f"loss is {where} at step {state.global_step + 1} (epoch {state.epoch + 1}, batch {state.step + 1}); no "
-        f"weight was updated; the last good checkpoint is {last if last.exists() else 'none yet'}: lower --lr or "
-        "check the data")
+        f"weight was updated; {_last_good(last)}")
+
+
+def _diverged_update(problem: str | None, state: TrainState, last: Path) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{problem or 'a weight or gradient became non-finite on another process'} at step {state.global_step + 1} "
+        f"(epoch {state.epoch + 1}, batch {state.step + 1}); nothing of it was saved; {_last_good(last)}")
+
+
+def _last_good(last: Path) -> str:
+    return f"the last good checkpoint is {last if last.exists() else 'none yet'}: lower --lr or check the data"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bixt.data import check_same_classes
 from bixt.io.checkpoint import likely_models, load_checkpoint, read_state_dict
 from bixt.train import rundir
 from bixt.train.build import build_for_data
@@ -43,10 +44,12 @@ def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: 
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     weights, run = find_weights(checkpoint)
     model_args: dict = {}
+    runs_model = False  # evaluating the run's own model: its class names apply
     if run is not None:
         saved = read_config_file(run / rundir.CONFIG)
         if model is None or model == saved.get("model"):
             model, model_args = saved.get("model"), dict(saved.get("model_args") or {})
+            runs_model = True
         data = data or saved.get("data")
     if model is None:
         fits = likely_models(read_state_dict(weights))
@@ -58,6 +61,9 @@ def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: 
         raise ValueError(f"no data to evaluate {weights} on: pass --data (e.g. imagefolder:PATH for ImageNet)")
     entry = get_entry(model)
     mcfg, ds, _ = build_for_data(model, model_args, data, augment=False, need_train=False, fit_data=False)
+    trained_on = rundir.read_classes(run) if runs_model else None
+    if trained_on is not None:  # same count, other names: the labels would mean other classes
+        check_same_classes(trained_on, ds.classes)
     net = entry.build(mcfg)
     load_checkpoint(net, weights)
     d = Dist(device=resolve_device(device))

@@ -18,7 +18,7 @@ from torch import nn
 from bixt.data import Data, parse_spec
 from bixt.train import distributed as dist_
 from bixt.train import rundir
-from bixt.train.build import build_for_data, resolve_model
+from bixt.train.build import build_for_data, build_model, resolve_model
 from bixt.train.checkpointer import Checkpointer
 from bixt.train.config import TrainConfig, resolve_config
 from bixt.train.distributed import Dist
@@ -60,9 +60,18 @@ def train(options: dict | TrainConfig | None = None, *, config_file: str | Path 
 
 def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step: OnStep | None) -> TrainResult:
     cfg, mcfg, data, steps = _fit(cfg, d)
-    run = dist_.on_main(d, lambda: rundir.prepare(cfg.out, f"{cfg.model}-{parse_spec(cfg.data).kind}", resuming))
-    cfg = dataclasses.replace(cfg, out=str(run))
-    model, saved = _build_model(cfg, mcfg, resuming)
+    torch.manual_seed(cfg.seed)  # every process and every world size starts from the same weights
+    model = build_model(cfg.model, mcfg, cfg.model_args)  # before the folder: a bad model_args leaves nothing
+    lock = rundir.RunLock()  # taken by rank 0 alone, the one that writes
+    run = dist_.on_main(d, lambda: rundir.prepare(cfg.out, f"{cfg.model}-{parse_spec(cfg.data).kind}", resuming,
+                                                  lock))
+    with lock:  # held until the run ends, however it ends; the OS lets go of it if the process dies
+        return _run(dataclasses.replace(cfg, out=str(run)), d, model, data, steps, resuming, console, on_step)
+
+
+def _run(cfg: TrainConfig, d: Dist, model: nn.Module, data: Data, steps: int, resuming: bool, console,
+         on_step: OnStep | None) -> TrainResult:
+    saved = _load_checkpoint(cfg, model) if resuming else None
     learner = build_learner(cfg, model, steps, d)
     state = TrainState()
     torch.manual_seed(cfg.seed + d.rank)  # dropout / drop-path differ between processes
@@ -72,6 +81,7 @@ def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step: OnStep |
         restore_rng(saved["rng"], d)
     saver = Checkpointer(cfg, learner, state)
     saver.begin()
+    dist_.on_main(d, lambda: rundir.write_classes(Path(cfg.out), data.classes))
     speed, stopped = Throughput(), False
     with StopFlag() as stop, reporter(console, cfg, steps, state) as report:
         while state.epoch < cfg.epochs:
@@ -80,11 +90,11 @@ def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step: OnStep |
                 stopped = True
                 saver.save()
                 break
-            row, improved = state.end_epoch(validate(cfg, learner, data), learner.lr)
+            row, improved = state.end_epoch(validate(cfg, learner, data, state), learner.lr)
             saver.end_epoch(improved)
             report.epoch(state, row)
     signum = (stop.signum or signal.SIGINT) if stopped else 0  # the signal may have reached another process only
-    result = _result(run, signum, state, model, speed, d)
+    result = _result(Path(cfg.out), signum, state, model, speed, d)
     saver.finish(result)
     return result
 
@@ -115,16 +125,9 @@ def _fit(cfg: TrainConfig, d: Dist) -> tuple[TrainConfig, object, Data, int]:
     return dataclasses.replace(cfg, model=name, model_args=model_args), mcfg, data, steps
 
 
-def _build_model(cfg: TrainConfig, mcfg, resuming: bool) -> tuple[nn.Module, dict | None]:
-    """The model, and the state of the checkpoint it was loaded from (None: a fresh start). Seeded, so every
-    process and every world size starts from the same weights."""
-    from bixt.models.registry import get_entry
-
+def _load_checkpoint(cfg: TrainConfig, model: nn.Module) -> dict:
+    """The run's last checkpoint: its weights loaded into `model`, its state returned."""
     run = Path(cfg.out)
-    torch.manual_seed(cfg.seed)
-    model = get_entry(cfg.model).build(mcfg)
-    if not (resuming and (run / rundir.STATE).exists()):  # a run stopped before its first save starts over
-        return model, None
     weights, saved = rundir.load_checkpoint_state(run)
     try:
         model.load_state_dict(weights)
@@ -132,7 +135,7 @@ def _build_model(cfg: TrainConfig, mcfg, resuming: bool) -> tuple[nn.Module, dic
         detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         raise ValueError(f"{run / rundir.LAST} does not fit {cfg.model} ({detail}): put back the run's own files or "
                          "start a new run (--out)") from None
-    return model, saved
+    return saved
 
 
 __all__ = ["TrainResult", "train"]
