@@ -11,6 +11,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def refusal(e: pickle.UnpicklingError) -> str:
     """The line of torch's weights_only refusal that names the refused global (the rest is boilerplate)."""
     lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
     return (lines or str(e).strip().splitlines() or ["it holds objects other than tensors"])[0].strip()
+
+
+def torch_load(path: Path, allowed: list | None = None):
+    """torch.load with weights_only=True (only tensors, plain containers and `allowed` classes are rebuilt; anything
+    else raises pickle.UnpicklingError). torch's warning about an unexpected pickle protocol is silenced: such a
+    file is either read safely or refused with an error, and the warning would only add lines to that error."""
+    with warnings.catch_warnings(), torch.serialization.safe_globals(allowed or []):
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Tensor]:
@@ -53,8 +63,7 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Tensor]:
                     from None
         else:
             try:
-                with torch.serialization.safe_globals([argparse.Namespace]):
-                    state = torch.load(path, map_location="cpu", weights_only=True)
+                state = torch_load(path, allowed=[argparse.Namespace])
             except pickle.UnpicklingError as e:
                 if "GLOBAL" not in str(e):  # an opcode the safe unpickler does not read: not torch.save's output
                     raise ValueError(f"{path} is not a readable PyTorch checkpoint ({refusal(e)}): expected "

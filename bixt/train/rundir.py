@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from bixt.io.atomic import atomic_path, atomic_write
+from bixt.io.checkpoint import torch_load
 
 try:
     import fcntl
@@ -228,7 +229,7 @@ def load_checkpoint_state(run: Path) -> tuple[dict[str, Tensor], dict]:
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is a corrupt or empty checkpoint (0 bytes): {_LOST}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} was refused, not unpickled ({refusal(e)}): it is not a bixt training state") \
             from None
