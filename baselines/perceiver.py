@@ -158,9 +158,9 @@ class Perceiver(LatentModel):
         check_padding_mask(padding_mask, tok.shape[:2], need_a_token=True)
         lat = self.latents.expand(tok.shape[0], -1, -1)
         for cross, latent in self.schedule():
-            lat, _ = self.cross[cross](lat, tok, padding_mask)
+            lat, _ = self.run_layer(self.cross[cross], lat, tok, padding_mask)
             for j in latent:
-                lat = self.latent[j](lat)
+                lat = self.run_layer(self.latent[j], lat)
         return lat
 
 

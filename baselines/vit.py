@@ -113,7 +113,7 @@ class ViT(Model):
         if padding_mask is not None:  # the class token is never padding
             padding_mask = F.pad(padding_mask, (1, 0), value=False)
         for block in self.blocks:
-            x = block(x, padding_mask)
+            x = self.run_layer(block, x, padding_mask)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -17,6 +17,10 @@ LIST_OPTIONS = ("--models", "--baselines", "--seq-lens")
 GMACS_NOTE = ("gmacs: the architecture's count, one similarity matrix per layer as published, whatever the backend; "
               "gmacs_executed: what the backend that ran computes, counted on macs_backend (sdpa builds BiXT's "
               "similarity matrix twice).")
+AMP_HELP = ("Run the steps under autocast (bf16; fp16 on a GPU without bf16) with fp32 weights; on a CPU it needs "
+            "AVX512-BF16 or AMX. Unlike --dtype, which casts the weights.")
+CHECKPOINT_HELP = ("Training recomputes each layer's activations in backward (gradient checkpointing): less memory, "
+                   "about one more forward of time.")
 
 
 def join_list_values(args: list[str], options: tuple[str, ...] = LIST_OPTIONS) -> list[str]:
@@ -98,6 +102,8 @@ def profile(
     mode: str = typer.Option("both", help="infer, train or both."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    amp: bool = typer.Option(False, "--amp", help=AMP_HELP),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help=CHECKPOINT_HELP),
     backend: str = typer.Option(None, help="Attention backend (math, sdpa, xformers, auto...); default: the model's."),
     quick: bool = typer.Option(False, help="Shorter warm-up and timing (noisier)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
@@ -110,7 +116,7 @@ def profile(
         raise ValueError(f"--seq-len must be positive, got {seq_len}: pass a number of tokens >= 1")
     overrides = parse_model_args(model_arg)
     setup = Setup(model, tokens_for(model, seq_len, img_size, overrides), batch_size, device, dtype, backend,
-                  tuple(overrides.items()))
+                  tuple(overrides.items()), grad_checkpointing=grad_checkpointing, amp=amp)
     report = profile(setup, parse_modes(mode), QUICK_PLAN if quick else DEFAULT_PLAN)
     if as_json:
         json.dump(report, sys.stdout)
@@ -135,6 +141,8 @@ def compare(
     mode: str = typer.Option("both", help="infer, train or both."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    amp: bool = typer.Option(False, "--amp", help=AMP_HELP),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help=CHECKPOINT_HELP),
     backend: str = typer.Option(None, help="Attention backend for every model; default: each model's own."),
     fit_from: int = typer.Option(1024, help="Fit exponents over the lengths >= this (all if fewer than two)."),
     timing: str = typer.Option(None, help="short or full warm-up and timing per mode (default: short with --quick, "
@@ -151,11 +159,13 @@ def compare(
         raise ValueError(f"unknown --timing {timing!r}: choose short or full")
     short = timing == "short" or (timing is None and quick)
     sweep = cmp.Sweep(names, lengths, batch_size, device, dtype, backend, budget, parse_modes(mode),
-                      QUICK_PLAN if short else DEFAULT_PLAN, fit_from, cmp.QUICK["total_s"] if quick else None)
+                      QUICK_PLAN if short else DEFAULT_PLAN, fit_from, cmp.QUICK["total_s"] if quick else None,
+                      grad_checkpointing=grad_checkpointing, amp=amp)
     cmp.check_sweep(sweep)
     out = cmp.prepare_out(out)
     console.print(f"[bold]bixt compare[/]: {', '.join(names)} at {', '.join(map(str, sorted(lengths)))} tokens, "
-                  f"batch {batch_size}, {device} {dtype}, budget {budget:.0f} s per configuration -> "
+                  f"batch {batch_size}, {device} {dtype}{' amp' if amp else ''}"
+                  f"{', grad checkpointing' if grad_checkpointing else ''}, budget {budget:.0f} s per configuration -> "
                   f"{escape(str(out))}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:

@@ -36,7 +36,11 @@ def train_command(
     lr: float = typer.Option(None, help="Peak AdamW learning rate (default 0.002)."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.05)."),
     warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear warm-up before the cosine (default 3)."),
-    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16/fp16 autocast (CUDA only)."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA or a bf16-capable CPU (fp16 with "
+                                                           "loss scaling on CUDA without bf16)."),
+    grad_checkpointing: bool = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
+                                            help="Recompute activations in the backward: less memory, one more "
+                                                 "forward per step, the same weights."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
     seed: int = typer.Option(None, help="Seed of weights, data order and augmentation (default 0)."),
     out: Path = typer.Option(None, help="Run folder (default runs/<model>-<data>-<time>); must be new or empty."),
@@ -50,7 +54,8 @@ def train_command(
     from bixt.train import TrainingDiverged, train
 
     options = {"model": model, "data": data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-               "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "amp": amp, "device": device,
+               "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "amp": amp,
+               "grad_checkpointing": grad_checkpointing, "device": device,
                "seed": seed, "out": None if out is None else str(out),
                "model_args": parse_model_args(model_arg) or None}
     try:
@@ -93,12 +98,15 @@ def eval_command(
     batch_size: int = typer.Option(128, "--batch-size"),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
     workers: int = typer.Option(None, help="DataLoader workers (default: what the data needs)."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast on CUDA or a bf16-capable CPU (fp16 on "
+                                                            "CUDA without bf16)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
 ):
     """Top-1, top-5, loss and samples/s of a checkpoint on the test (val) split."""
     from bixt.train.eval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, model, data, batch_size=batch_size, device=device, workers=workers)
+    result = evaluate_checkpoint(checkpoint, model, data, batch_size=batch_size, device=device, workers=workers,
+                                 amp=amp)
     if as_json:
         json.dump(result, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -64,9 +64,9 @@ METRICS = ("gmacs", "gmacs_executed", "infer_step_ms", "train_step_ms", "infer_s
            "train_samples_per_sec", "infer_peak_mem_mib", "train_peak_mem_mib", "infer_act_mem_mib",
            "train_act_mem_mib")
 PROCESS_OVERHEAD_S = 3.0  # starting a fresh Python with torch and building the model, for the time prediction
-COLUMNS = ("model", "family", "seq_len", "img_size", "batch_size", "device", "dtype", "backend", "status", "message",
-           "predicted_s", "elapsed_s", "param_count", "gmacs", "gmacs_analytic", "gmacs_attention", "gmacs_rest",
-           "gmacs_executed", "macs_backend", "unsupported_ops",
+COLUMNS = ("model", "family", "seq_len", "img_size", "batch_size", "device", "dtype", "amp", "grad_checkpointing",
+           "backend", "status", "message", "predicted_s", "elapsed_s", "param_count", "gmacs", "gmacs_analytic",
+           "gmacs_attention", "gmacs_rest", "gmacs_executed", "macs_backend", "unsupported_ops",
            *(f"{m}_{k}" for m in MODES for k in ("status", "message", "peak_mem_mib", "act_mem_mib",
                                                   "samples_per_sec", "tokens_per_sec", "step_ms", "iters")),
            "torch_version", "threads")
@@ -85,9 +85,12 @@ class Sweep:
     plan: Plan = DEFAULT_PLAN
     fit_from: int = 1024  # exponents are fitted over the lengths >= this that ran (all of them if fewer than 2)
     total_s: float | None = None  # the whole sweep's budget (--quick); a configuration gets at most what is left
+    grad_checkpointing: bool = False  # training recomputes each layer's activations (Setup.grad_checkpointing)
+    amp: bool = False  # autocast with fp32 weights (Setup.amp)
 
     def setup(self, model: str, seq_len: int) -> Setup:
-        return Setup(model, seq_len, self.batch_size, self.device, self.dtype, self.backend)
+        return Setup(model, seq_len, self.batch_size, self.device, self.dtype, self.backend,
+                     grad_checkpointing=self.grad_checkpointing, amp=self.amp)
 
 
 # --quick: three lengths, short timing, 20 s per configuration and 150 s in all (published counts: closed form only).

@@ -50,6 +50,7 @@ from bixt.measure.flops import (
 from bixt.measure.memory import PeakMemory
 from bixt.models.registry import get_entry, model_config
 from bixt.nn.attention import BiDirectionalCrossAttention, auto_bidirectional, check_backend, resolve_backend
+from bixt.nn.precision import amp_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("cpu", "cuda")
@@ -59,7 +60,9 @@ MODES = ("infer", "train")
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """One configuration to measure. `backend` None: the model's own default. `overrides`: (field, value) pairs
-    replacing config fields (e.g. a tiny model for tests)."""
+    replacing config fields (e.g. a tiny model for tests). `grad_checkpointing`: training recomputes each layer's
+    activations in backward (`Model.set_grad_checkpointing`). `amp`: the steps run under autocast (bf16; fp16 on a
+    GPU without bf16) with fp32 weights, unlike `dtype`, which casts the weights."""
 
     model: str
     seq_len: int
@@ -68,6 +71,13 @@ class Setup:
     dtype: str = "fp32"
     backend: str | None = None
     overrides: tuple[tuple[str, Any], ...] = ()
+    grad_checkpointing: bool = False
+    amp: bool = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls and attention run in: autocast's under --amp, else the weights'."""
+        return amp_dtype(torch.device(self.device)) if self.amp else DTYPES[self.dtype]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +145,11 @@ def prepare(setup: Setup) -> Prepared:
         raise ValueError("--device cuda, but CUDA is not available here (CPU-only torch or no GPU): use --device cpu")
     if setup.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {setup.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if setup.amp and setup.dtype != "fp32":
+        raise ValueError(f"--amp keeps fp32 weights and autocasts the steps, but --dtype is {setup.dtype}: "
+                         "pass one of --amp and --dtype")
+    if setup.amp:
+        amp_dtype(torch.device(setup.device))  # a CPU without bf16: refused here, before any process starts
     entry = get_entry(setup.model)
     overrides = dict(setup.overrides)
     has_backends = "attn_backend" in {f.name for f in dataclasses.fields(entry.config)}
@@ -151,7 +166,7 @@ def prepare(setup: Setup) -> Prepared:
         model.tokenizer.example_input(1, setup.seq_len, device="meta")
     backend = count_backend = None
     if has_backends:
-        device, dtype = torch.device(setup.device), DTYPES[setup.dtype]
+        device, dtype = torch.device(setup.device), setup.compute_dtype
         backend = resolve_backend(cfg.attn_backend, device, dtype)
         if cfg.attn_backend == "auto" and any(isinstance(m, BiDirectionalCrossAttention) for m in model.modules()):
             # The backend of an inference forward, the pass GMACs count (train steps may switch at other lengths).
@@ -249,19 +264,28 @@ def count(prep: Prepared) -> dict:
 # Peak memory and timing, inside the fresh worker process.
 
 
-def _step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str):
+def _autocast(device: torch.device, amp: bool):
+    """Autocast in the amp dtype, or a no-op context without --amp."""
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp)
+
+
+def _step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, amp: bool = False):
     if mode == "infer":
         model.eval()
 
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(x.device, amp):
                 model(x)
         return step
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        model(x).float().mean().backward()
+        # Backward outside autocast, as torch recommends: it runs each op in its forward's dtype anyway. No loss
+        # scaler for fp16 (GPUs without bf16): its cost is a few elementwise ops, and underflow does not change time.
+        with _autocast(x.device, amp):
+            loss = model(x).float().mean()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -274,7 +298,8 @@ def run_mode(prep: Prepared, mode: str, plan: Plan) -> dict:
     torch.manual_seed(0)
     model = prep.build(prep.backend).to(device=device, dtype=dtype)
     x = model.tokenizer.example_input(s.batch_size, s.seq_len, device=device, dtype=dtype)
-    step = _step_fn(model, x, mode)
+    model.set_grad_checkpointing(s.grad_checkpointing)  # acts in training only: inference keeps no activations
+    step = _step_fn(model, x, mode, s.amp)
 
     def timed() -> float:
         if device.type == "cuda":
@@ -378,7 +403,8 @@ def describe(prep: Prepared) -> dict:
     cfg = prep.config
     return {"model": s.model, "family": prep.family, "seq_len": s.seq_len,
             "img_size": math.isqrt(s.seq_len) * cfg.stride if cfg.modality == "image" else None,
-            "batch_size": s.batch_size, "device": s.device, "dtype": s.dtype, "backend": prep.backend or "-",
+            "batch_size": s.batch_size, "device": s.device, "dtype": s.dtype, "amp": s.amp,
+            "grad_checkpointing": s.grad_checkpointing, "backend": prep.backend or "-",
             "torch_version": torch.__version__, "threads": torch.get_num_threads(),
             "param_count": prep.param_count}
 

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from bixt.nn.attention import check_backend
 from bixt.nn.layers import classifier, layer_norm
@@ -28,6 +29,21 @@ class Model(nn.Module):
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.num_features = cfg.dim
+        self.grad_checkpointing = False  # timm's name: layers recompute their activations in backward
+
+    def set_grad_checkpointing(self, enable: bool = True) -> Model:
+        """Keep only each layer's inputs in training and recompute the rest in backward (timm's API): memory for
+        one layer's activations instead of all of them, for one more forward's time."""
+        self.grad_checkpointing = bool(enable)
+        return self
+
+    def run_layer(self, layer: nn.Module, *args):
+        """layer(*args), checkpointed where set_grad_checkpointing is on and a backward may follow. Non-reentrant
+        (it accepts None arguments, tuples out, custom autograd Functions) with the RNG state replayed, so
+        drop-path and dropout draw the same masks in the recomputation: gradients are those of the plain run."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=True)
+        return layer(*args)
 
     def set_backend(self, backend: str) -> Model:
         """Switch every attention op to `backend` (see bixt.nn.attention.BACKENDS)."""

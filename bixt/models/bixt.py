@@ -67,7 +67,7 @@ class BiXT(LatentModel):
         lat = self.latents.expand(tok.shape[0], -1, -1)
         tokens_out = tok
         for layer in self.layers:
-            lat, tok = layer(lat, tok, padding_mask)
+            lat, tok = self.run_layer(layer, lat, tok, padding_mask)
             if not layer.cross.one_sided:
                 tokens_out = tok
         return (lat, tokens_out) if return_tokens else lat

@@ -29,7 +29,8 @@ class TrainConfig:
     warmup_epochs: float = 3.0  # capped at half the run, so short runs still anneal
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0  # max gradient norm; None: no clipping
-    amp: bool = False  # bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing)
+    amp: bool = False  # bf16 autocast on CUDA or a bf16-capable CPU (fp16 + loss scaling on CUDA without bf16)
+    grad_checkpointing: bool = False  # recompute activations in the backward: less memory, same numbers
     augment: bool = True
     device: str | None = None  # cpu | cuda; None: cuda when available
     seed: int = 0
@@ -76,8 +77,9 @@ def _check_finite(cfg: TrainConfig) -> None:
 
 CLI_FLOATS = ("lr", "weight_decay", "warmup_epochs")  # the float options `bixt train` has flags for
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-# Options that change no number a run computes: they may differ when resuming.
-RESUME_FREE = ("device", "workers", "out")
+# Options that change no number a run computes: they may differ when resuming (gradient checkpointing trades
+# memory for a second forward of the same numbers, so a run may switch it on when it outgrows the memory).
+RESUME_FREE = ("device", "workers", "out", "grad_checkpointing")
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 

@@ -191,6 +191,16 @@ def non_finite_weight(model: nn.Module) -> str | None:
     return next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), "?")
 
 
+def amp_dtype_for(amp: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp on `device` (None without --amp): bf16 on CUDA and on a CPU that computes in
+    bf16, fp16 on CUDA without bf16; elsewhere bixt.nn.precision raises a one-line error (before any run folder)."""
+    if not amp:
+        return None
+    from bixt.nn import precision  # looked up per call, so tests can stand in for the CPU probe
+
+    return precision.amp_dtype(device)
+
+
 def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist) -> Learner:
     """AdamW with warm-up + cosine per step, autocast when --amp (fp16 with loss scaling where bf16 is missing),
     and DDP over the processes of a torchrun job."""
@@ -198,10 +208,9 @@ def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist) -> Le
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     total = cfg.epochs * steps
     sched = build_scheduler(opt, total, min(round(cfg.warmup_epochs * steps), total // 2), cfg.min_lr)
-    amp_dtype = None
-    if cfg.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    amp_dtype = amp_dtype_for(cfg.amp, d.device)
+    # bf16 keeps float32's exponent range, so only fp16 (CUDA without bf16) needs its loss scaled.
+    scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda" and amp_dtype == torch.float16)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.active else model
     return Learner(model, net, opt, sched, scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),

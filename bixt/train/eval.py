@@ -16,7 +16,7 @@ from bixt.train import rundir
 from bixt.train.build import build_for_data
 from bixt.train.config import read_config_file
 from bixt.train.distributed import Dist, resolve_device
-from bixt.train.engine import evaluate
+from bixt.train.engine import amp_dtype_for, evaluate
 
 
 def find_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
@@ -36,12 +36,16 @@ def find_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: str | None = None, *,
-                        batch_size: int = 128, device: str | None = None, workers: int | None = None) -> dict:
-    """Evaluate a checkpoint; returns {model, data, checkpoint, top1, top5, loss, samples, seconds, samples_per_s}."""
+                        batch_size: int = 128, device: str | None = None, workers: int | None = None,
+                        amp: bool = False) -> dict:
+    """Evaluate a checkpoint; returns {model, data, checkpoint, top1, top5, loss, samples, seconds, samples_per_s}.
+    `amp`: under bf16 autocast (fp16 on CUDA without bf16), as `bixt train --amp` evaluates."""
     from bixt.models.registry import get_entry
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    d = Dist(device=resolve_device(device))
+    amp_dtype = amp_dtype_for(amp, d.device)  # refused before any weights or data are read
     weights, run = find_weights(checkpoint)
     model_args: dict = {}
     runs_model = False  # evaluating the run's own model: its class names apply
@@ -66,8 +70,7 @@ def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: 
         check_same_classes(trained_on, ds.classes)
     net = entry.build(mcfg)
     load_checkpoint(net, weights)
-    d = Dist(device=resolve_device(device))
     net.to(d.device)
-    result = evaluate(net, ds.test, batch_size, d, workers=ds.workers if workers is None else workers,
-                      pad_id=ds.pad_id)
+    result = evaluate(net, ds.test, batch_size, d, amp_dtype=amp_dtype,
+                      workers=ds.workers if workers is None else workers, pad_id=ds.pad_id)
     return {"model": model, "data": str(data), "checkpoint": str(weights), **result}

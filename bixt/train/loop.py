@@ -22,7 +22,15 @@ from bixt.train.build import build_for_data, build_model, resolve_model
 from bixt.train.checkpointer import Checkpointer
 from bixt.train.config import TrainConfig, resolve_config
 from bixt.train.distributed import Dist
-from bixt.train.engine import OnStep, Throughput, build_learner, steps_per_epoch, train_one_epoch, validate
+from bixt.train.engine import (
+    OnStep,
+    Throughput,
+    amp_dtype_for,
+    build_learner,
+    steps_per_epoch,
+    train_one_epoch,
+    validate,
+)
 from bixt.train.state import TrainState, restore_rng
 from bixt.train.terminal import StopFlag, reporter
 
@@ -62,6 +70,8 @@ def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step: OnStep |
     cfg, mcfg, data, steps = _fit(cfg, d)
     torch.manual_seed(cfg.seed)  # every process and every world size starts from the same weights
     model = build_model(cfg.model, mcfg, cfg.model_args)  # before the folder: a bad model_args leaves nothing
+    if cfg.grad_checkpointing:
+        _checkpoint_activations(model, cfg.model)
     lock = rundir.RunLock()  # taken by rank 0 alone, the one that writes
     run = dist_.on_main(d, lambda: rundir.prepare(cfg.out, f"{cfg.model}-{parse_spec(cfg.data).kind}", resuming,
                                                   lock))
@@ -109,8 +119,7 @@ def _result(run: Path, signum: int, state: TrainState, model: nn.Module, speed: 
 def _fit(cfg: TrainConfig, d: Dist) -> tuple[TrainConfig, object, Data, int]:
     """The checks that need the processes or the data; the config with its model named and sized for the data;
     the model config, the data, and the optimizer steps per epoch."""
-    if cfg.amp and d.device.type != "cuda":
-        raise ValueError("--amp runs on CUDA only (bf16/fp16 autocast): drop --amp on the CPU")
+    amp_dtype_for(cfg.amp, d.device)  # a CPU without bf16 refuses --amp here, before the run folder is made
     if cfg.batch_size % d.world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {d.world} processes: use a multiple "
                          f"of {d.world}")
@@ -123,6 +132,13 @@ def _fit(cfg: TrainConfig, d: Dist) -> tuple[TrainConfig, object, Data, int]:
     if cfg.workers is not None:
         data = dataclasses.replace(data, workers=cfg.workers)
     return dataclasses.replace(cfg, model=name, model_args=model_args), mcfg, data, steps
+
+
+def _checkpoint_activations(model: nn.Module, name: str) -> None:
+    """--grad-checkpointing: the model recomputes its blocks' activations in the backward (timm's API)."""
+    if not callable(getattr(model, "set_grad_checkpointing", None)):
+        raise ValueError(f"{name} has no gradient checkpointing (set_grad_checkpointing): drop --grad-checkpointing")
+    model.set_grad_checkpointing(True)
 
 
 def _load_checkpoint(cfg: TrainConfig, model: nn.Module) -> dict:
