@@ -25,6 +25,7 @@ Column names follow timm's benchmark.py (samples_per_sec, param_count, gmacs) ex
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -265,8 +266,9 @@ def count(prep: Prepared) -> dict:
 
 
 def _autocast(device: torch.device, amp: bool):
-    """Autocast in the amp dtype, or a no-op context without --amp."""
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp)
+    """Autocast in the amp dtype, or a no-op context without --amp (which must not ask for the amp dtype: a CPU
+    without bf16 refuses it)."""
+    return torch.autocast(device.type, dtype=amp_dtype(device)) if amp else contextlib.nullcontext()
 
 
 def _step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, amp: bool = False):
