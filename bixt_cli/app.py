@@ -57,13 +57,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def _is_oom(e: BaseException) -> bool:
-    """MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError. torch is looked up, not
-    imported: a command that never imported it cannot have run out of memory in it."""
-    torch = sys.modules.get("torch")
-    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+    """bixt.measure.memory.is_oom, asked only once torch is loaded: a command that never imported torch cannot have
+    run out of memory in it, and an error line should not wait for torch to import."""
+    if isinstance(e, MemoryError):
         return True
-    text = str(e).lower()
-    return type(e) is RuntimeError and ("out of memory" in text or "can't allocate memory" in text)
+    if "torch" not in sys.modules:
+        return False
+    from bixt.measure.memory import is_oom
+
+    return is_oom(e)
 
 
 def user_message(e: Exception) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_one_line_error, tiny_config
+from test_faults_train import HOLD_LOCK
 from typer.testing import CliRunner
 
 from bixt import BiXT, save_weights
@@ -116,9 +117,7 @@ def _locked_out(tmp: Path) -> Path:
     import time
 
     out = tmp / "busy"
-    code = ("import sys, time; from bixt.train import rundir; "
-            "h = rundir.lock(sys.argv[1]); print('locked', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.stdout.readline().strip() == "locked"
     _locked_out.children.append(proc)

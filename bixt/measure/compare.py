@@ -30,6 +30,7 @@ import numpy as np
 
 from bixt.io.atomic import atomic_write
 from bixt.measure.flops import ARCHITECTURE_BACKEND, analytic_macs
+from bixt.measure.memory import is_oom
 from bixt.measure.profile import (
     DEFAULT_PLAN,
     MODES,
@@ -39,7 +40,6 @@ from bixt.measure.profile import (
     count,
     describe,
     failure,
-    is_oom,
     measure,
     mode_columns,
     prepare,

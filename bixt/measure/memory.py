@@ -16,6 +16,14 @@ from pathlib import Path
 import torch
 
 
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception means memory ran out: MemoryError, torch's OutOfMemoryError (CUDA), or the CPU
+    allocator's RuntimeError."""
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
 def _proc_status_kib(field: str) -> int | None:
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -48,7 +48,7 @@ from bixt.measure.flops import (
     counts_like_math,
     has_two_sided_attention,
 )
-from bixt.measure.memory import PeakMemory
+from bixt.measure.memory import PeakMemory, is_oom
 from bixt.models.registry import get_entry, model_config
 from bixt.nn.attention import BiDirectionalCrossAttention, auto_bidirectional, check_backend, resolve_backend
 from bixt.nn.precision import amp_dtype
@@ -324,12 +324,6 @@ def run_mode(prep: Prepared, mode: str, plan: Plan) -> dict:
     return {"status": "ok", "message": "", "peak_mem_mib": first.peak_mib, "act_mem_mib": steady.peak_mib,
             "mem_method": first.method, "step_ms": step_s * 1e3, "samples_per_sec": s.batch_size / step_s,
             "tokens_per_sec": s.batch_size * s.seq_len / step_s, "iters": len(times)}
-
-
-def is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 def _first_line(text: str) -> str:
