@@ -41,6 +41,9 @@ def train_command(
     grad_checkpointing: bool = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                             help="Recompute activations in the backward: less memory, one more "
                                                  "forward per step, the same weights."),
+    shard_tokens: int = typer.Option(None, "--shard-tokens", metavar="P",
+                                     help="Under torchrun: every P processes share each sample's tokens (BiXT; "
+                                          "exact, for inputs too long for one device). Default 1."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
     seed: int = typer.Option(None, help="Seed of weights, data order and augmentation (default 0)."),
     out: Path = typer.Option(None, help="Run folder (default runs/<model>-<data>-<time>); must be new or empty."),
@@ -55,7 +58,7 @@ def train_command(
 
     options = {"model": model, "data": data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "amp": amp,
-               "grad_checkpointing": grad_checkpointing, "device": device,
+               "grad_checkpointing": grad_checkpointing, "shard_tokens": shard_tokens, "device": device,
                "seed": seed, "out": None if out is None else str(out),
                "model_args": parse_model_args(model_arg) or None}
     try:

@@ -45,6 +45,11 @@ class Model(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=True)
         return layer(*args)
 
+    def shard_tokens(self, shard) -> Model:
+        """Token sharding (bixt.nn.sharding): this process computes only its part of every sample's tokens."""
+        raise ValueError(f"{type(self).__name__} cannot shard its tokens across processes: token sharding is BiXT's "
+                         "(a bixt or bixt-ablation model)")
+
     def set_backend(self, backend: str) -> Model:
         """Switch every attention op to `backend` (see bixt.nn.attention.BACKENDS)."""
         check_backend(backend)

@@ -16,6 +16,7 @@ from bixt.models.blocks import CrossBlock, LatentBlock
 from bixt.models.official import checkpoint_filter_fn
 from bixt.models.registry import register_family
 from bixt.nn.layers import check_padding_mask, drop_path_rates, layer_norm
+from bixt.nn.sharding import TokenShard, check_shard_backend
 from bixt.nn.tokenizers import build_tokenizer
 
 
@@ -52,6 +53,7 @@ class BiXT(LatentModel):
         if cfg.dense_classes:
             self.dense_norm = layer_norm(cfg.token_dim)
             self.dense_head = nn.Linear(cfg.token_dim, cfg.dense_classes)
+        self.token_shard: TokenShard | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -60,10 +62,36 @@ class BiXT(LatentModel):
         nn.init.trunc_normal_(self.latents, std=0.02)
         jax_init_(self)
 
+    def shard_tokens(self, shard: TokenShard | None) -> BiXT:
+        """Compute only this process's part of every sample's tokens (`shard`; None: all of them again).
+
+        The input and padding mask stay whole (every process passes the same); the tokenizer cuts this process's
+        span, with the positions of its place in the whole. Latents, logits and features are the same on every
+        process, token features and dense logits are this process's tokens. Gradients: bixt.nn.sharding."""
+        if shard is not None:
+            if self.cfg.drop_rate or self.cfg.attn_drop_rate:
+                raise ValueError("token sharding needs drop_rate=0 and attn_drop_rate=0: element-wise dropout of "
+                                 "different numbers of tokens would set the processes' random streams apart, and with "
+                                 "them the latents every process computes (drop_path_rate is fine)")
+            for m in self.modules():
+                if m is not self and hasattr(m, "token_shard"):
+                    check_shard_backend(m.backend)
+        for m in self.modules():
+            if hasattr(m, "token_shard"):  # the model and its cross-attentions
+                m.token_shard = shard
+        return self
+
     def forward_features(self, x: Tensor, padding_mask: Tensor | None = None,
                          return_tokens: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        tok = self.tokenizer(x)
-        check_padding_mask(padding_mask, tok.shape[:2], need_a_token=True)
+        shard = self.token_shard
+        if shard is None:
+            tok = self.tokenizer(x)
+            check_padding_mask(padding_mask, tok.shape[:2], need_a_token=True)
+        else:
+            start, stop, total = self.tokenizer.token_span(x, shard)
+            check_padding_mask(padding_mask, (x.shape[0], total), need_a_token=True)
+            tok = self.tokenizer(x, shard)
+            padding_mask = None if padding_mask is None else padding_mask[:, start:stop]
         lat = self.latents.expand(tok.shape[0], -1, -1)
         tokens_out = tok
         for layer in self.layers:

@@ -15,6 +15,9 @@ Backends, chosen by name:
             under TRITON_INTERPRET=1). No attention dropout; one-way attention runs on sdpa.
   auto      the fastest available for the tensor's device, dtype and length (`auto_bidirectional`).
 
+Token sharding (bixt/nn/sharding.py): with a `shard`, the tokens (keys) are this process's part of the samples'
+tokens and the latents' softmax runs over all processes' tokens; math and fused (CPU) compute it.
+
 Padding masks are (B, N) bool with True marking padding (as `key_padding_mask` in torch): a padded token
 gives nothing to the latents. Padded tokens still receive an update themselves; callers ignore it.
 """
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 
 from bixt.nn.fused import fused_bidirectional_attention, fused_wins
 from bixt.nn.layers import split_heads
+from bixt.nn.sharding import TokenShard, check_shard_backend, softmax_over_shards
 
 BACKENDS = ("auto", "math", "sdpa", "xformers", "fused", "triton")
 # Tokens PER SAMPLE from which `auto` runs bi-directional attention on triton on CUDA, by (a backward pass follows,
@@ -119,9 +123,14 @@ def _probs(scores: Tensor, key_padding_mask: Tensor | None, dropout_p: float) ->
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-              key_padding_mask: Tensor | None = None, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
-    """softmax(q k^T * scale) v for (B, H, L, d) tensors; `dropout_p` applies to the probabilities."""
+              key_padding_mask: Tensor | None = None, dropout_p: float = 0.0, backend: str = "auto",
+              shard: TokenShard | None = None) -> Tensor:
+    """softmax(q k^T * scale) v for (B, H, L, d) tensors; `dropout_p` applies to the probabilities. `shard`: k
+    and v are this process's part of the keys, the softmax runs over all processes' keys."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if shard is not None:
+        check_shard_backend(backend)
+        return softmax_over_shards((q @ k.transpose(-2, -1)) * scale, v, shard, key_padding_mask, dropout_p)
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "math":
         return _probs((q @ k.transpose(-2, -1)) * scale, key_padding_mask, dropout_p) @ v
@@ -134,17 +143,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
 def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, v_tok: Tensor, *,
                             scale: float | None = None, padding_mask: Tensor | None = None,
                             dropout_p: tuple[float, float] = (0.0, 0.0), backend: str = "auto",
-                            packed_tok: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                            packed_tok: Tensor | None = None,
+                            shard: TokenShard | None = None) -> tuple[Tensor, Tensor | None]:
     """Both directions of BiXT's attention from one similarity matrix.
 
     r_lat, v_lat: (B, H, M, d); r_tok, v_tok: (B, H, N, d). `v_lat=None` is the one-sided form: only the
     latents are updated. `dropout_p` is (latent direction, token direction). `packed_tok`: the (B, N, 2 * H * d)
     projection that r_tok and v_tok are `split_heads` of, if they are; the fused backend then takes its gradient
     as one tensor (no stack and copy in autograd). Returns (latent update (B, H, M, d), token update (B, H, N, d)
-    or None).
+    or None). `shard`: the tokens are this process's part of the samples' tokens (see the module docstring).
     """
     scale = r_lat.shape[-1] ** -0.5 if scale is None else scale
     drop_lat, drop_tok = dropout_p
+    if shard is not None:
+        return _sharded_bidirectional(r_lat, v_lat, r_tok, v_tok, scale, padding_mask, dropout_p, backend, packed_tok,
+                                      shard)
     name = resolve_backend(backend, r_lat.device, r_lat.dtype)
     if backend == "auto" and not (drop_lat or drop_tok):
         training = torch.is_grad_enabled() and (r_lat.requires_grad or r_tok.requires_grad)
@@ -172,6 +185,24 @@ def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, 
     return lat, tok
 
 
+def _sharded_bidirectional(r_lat, v_lat, r_tok, v_tok, scale, padding_mask, dropout_p, backend, packed_tok,
+                           shard):
+    """`bidirectional_attention` over token shards: fused on a CPU in float32/64 without attention dropout (auto or
+    named), else math: one local similarity block, the tokens' softmax local, the latents' merged over processes."""
+    name = check_shard_backend(backend)
+    cpu_fused = r_lat.device.type == "cpu" and r_lat.dtype in (torch.float32, torch.float64)
+    if name == "fused" or (name == "auto" and cpu_fused and not any(dropout_p)):
+        if any(dropout_p):
+            raise ValueError("the fused attention backend has no attention dropout: use backend 'math' or 'auto' "
+                             "while training with attn_drop > 0")
+        return fused_bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale, padding_mask, packed_tok=packed_tok,
+                                             shard=shard)
+    scores = (r_lat @ r_tok.transpose(-2, -1)) * scale
+    lat = softmax_over_shards(scores, v_tok, shard, padding_mask, dropout_p[0])
+    tok = None if v_lat is None else _probs(scores.transpose(-2, -1), None, dropout_p[1]) @ v_lat
+    return lat, tok
+
+
 def _merge_heads(x: Tensor) -> Tensor:
     B, H, L, d = x.shape
     return x.transpose(1, 2).reshape(B, L, H * d)
@@ -194,6 +225,7 @@ class _CrossAttention(nn.Module):
         self.backend = check_backend(backend)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
+        self.token_shard: TokenShard | None = None  # set by the model's shard_tokens
 
 
 class BiDirectionalCrossAttention(_CrossAttention):
@@ -227,7 +259,8 @@ class BiDirectionalCrossAttention(_CrossAttention):
         r_tok, v_tok = split_heads(rv_tok, 2, self.num_heads)
         p = self.attn_drop if self.training else 0.0
         lat, tok = bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale=self.scale, padding_mask=padding_mask,
-                                           dropout_p=(p, p), backend=self.backend, packed_tok=rv_tok)
+                                           dropout_p=(p, p), backend=self.backend, packed_tok=rv_tok,
+                                           shard=self.token_shard)
         lat = self.proj_drop(self.proj_lat(_merge_heads(lat)))
         if tok is not None:
             tok = self.proj_drop(self.proj_tok(_merge_heads(tok)))
@@ -257,16 +290,16 @@ class SequentialCrossAttention(_CrossAttention):
             self.proj_tok = nn.Linear(dim_attn, dim_tok)
 
     def _read(self, to_q: nn.Linear, to_kv: nn.Linear, to_out: nn.Linear, x: Tensor, context: Tensor,
-              key_padding_mask: Tensor | None) -> Tensor:
+              key_padding_mask: Tensor | None, shard: TokenShard | None = None) -> Tensor:
         (q,) = split_heads(to_q(x), 1, self.num_heads)
         k, v = split_heads(to_kv(context), 2, self.num_heads)
         out = attention(q, k, v, scale=self.scale, key_padding_mask=key_padding_mask,
-                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+                        dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend, shard=shard)
         return self.proj_drop(to_out(_merge_heads(out)))
 
     def read_tokens(self, latents: Tensor, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """The latents' update from the tokens (both normalised): (B, M, dim_lat)."""
-        return self._read(self.q_lat, self.kv_tok, self.proj_lat, latents, tokens, padding_mask)
+        return self._read(self.q_lat, self.kv_tok, self.proj_lat, latents, tokens, padding_mask, self.token_shard)
 
     def read_latents(self, tokens: Tensor, latents: Tensor) -> Tensor:
         """The tokens' update from the (updated, normalised) latents: (B, N, dim_tok)."""

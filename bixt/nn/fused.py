@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from bixt.nn.layers import check_padding_mask, split_heads
+from bixt.nn.sharding import TokenShard, all_reduce_, merge_online_softmax
 
 # A latent whose softmax denominator (relative to its head's offset) falls below this has lost precision to
 # underflow in the shared-exp forward: recompute the latents with per-latent offsets.
@@ -294,15 +295,17 @@ class BackwardPass(NamedTuple):
 
 
 class FusedBiDirectionalAttention(torch.autograd.Function):
-    """(r_lat, v_lat | None, r_tok, v_tok, packed_tok, padding_mask | None, scale, chunk) -> (latent update, token
-    update | None); either r_tok and v_tok or packed_tok (see `fused_bidirectional_attention`) is None.
+    """(r_lat, v_lat | None, r_tok, v_tok, packed_tok, padding_mask | None, scale, chunk, shard | None) -> (latent
+    update, token update | None); either r_tok and v_tok or packed_tok (see `fused_bidirectional_attention`) is None.
 
     Shapes as `bixt.nn.attention.bidirectional_attention`; the token update is a (B, H, N, d) view of (B, N, H, d)
-    memory. Token ranges run in parallel threads (`_run`); the latents' partial sums are merged at the end.
+    memory. Token ranges run in parallel threads (`_run`); the latents' partial sums are merged at the end, and
+    with a `shard` (bixt.nn.sharding.TokenShard) over the processes that hold the other tokens: the latents' output
+    and log-sum-exps are then global, and backward sums the shares of their gradient first; the rest is local.
     """
 
     @staticmethod
-    def forward(ctx, r_lat, v_lat, r_tok, v_tok, packed_tok, padding_mask, scale, chunk):
+    def forward(ctx, r_lat, v_lat, r_tok, v_tok, packed_tok, padding_mask, scale, chunk, shard):
         B, H, M, d = r_lat.shape
         if packed_tok is not None:
             r_tok, v_tok = split_heads(packed_tok, 2, H)
@@ -317,15 +320,19 @@ class FusedBiDirectionalAttention(torch.autograd.Function):
             vl = v_lat.reshape(BH, M, d).contiguous()
             acc, m = _merge(_run(lambda r: _forward_range(rl2t, vl, r_tok, v_tok, padding_mask, C, *r, tok, lse_tok),
                                  ranges))
+            if shard is not None:
+                acc, m = merge_online_softmax(acc, m, shard)
             shared = bool(acc[:, d].min() >= _TINY)
             m_lat = m
         if not shared:  # one-sided, or some latent's similarities all sit far below its head's maximum
             acc, m_lat = _merge(_run(lambda r: _latents_per_row(rl2t, r_tok, v_tok, padding_mask, C, *r), ranges))
+            if shard is not None:
+                acc, m_lat = merge_online_softmax(acc, m_lat, shard)
         l_ = acc[:, d:]
         lat = (acc[:, :d] / l_).transpose(1, 2).reshape(B, H, M, d)
         lse_lat = (m_lat + l_.log2()).view(B, H, M)
         ctx.shared, ctx.ranges, ctx.scale, ctx.chunk = shared, ranges, scale, C
-        ctx.packed = packed_tok is not None
+        ctx.packed, ctx.shard = packed_tok is not None, shard
         ctx.save_for_backward(r_lat, v_lat, *((packed_tok, None) if ctx.packed else (r_tok, v_tok)), padding_mask,
                               lat, tok, lse_lat, lse_tok, m)
         return lat, tok
@@ -333,6 +340,8 @@ class FusedBiDirectionalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_lat, d_tok):
         r_lat, v_lat, r_tok, v_tok, mask, lat, tok, lse_lat, lse_tok, m = ctx.saved_tensors
+        if ctx.shard is not None:  # every process's tokens fed the latents' output: their gradient shares add up
+            d_lat = all_reduce_(d_lat.clone(memory_format=torch.contiguous_format), ctx.shard)
         B, H, M, d = r_lat.shape
         if ctx.packed:
             packed, (r_tok, v_tok) = r_tok, split_heads(r_tok, 2, H)
@@ -368,7 +377,7 @@ class FusedBiDirectionalAttention(torch.autograd.Function):
         parts = _run(work, ctx.ranges)
         g_rlat, g_vlat = (sum(p[i] for p in parts).transpose(1, 2).reshape(B, H, M, d) for i in (0, 1))
         g_tok = (None, None, d_packed) if ctx.packed else (tok_grads["r_tok"], tok_grads["v_tok"], None)
-        return g_rlat, None if v_lat is None else g_vlat, *g_tok, None, None, None
+        return g_rlat, None if v_lat is None else g_vlat, *g_tok, None, None, None, None
 
 
 def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat: LatentGrad | None = None,
@@ -434,14 +443,16 @@ def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat: Laten
 
 def fused_bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, v_tok: Tensor, scale: float,
                                   padding_mask: Tensor | None = None, chunk: int | None = None,
-                                  packed_tok: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                                  packed_tok: Tensor | None = None,
+                                  shard: TokenShard | None = None) -> tuple[Tensor, Tensor | None]:
     """Both directions of BiXT's attention in one pass over the tokens; see the module docstring.
 
     r_lat, v_lat: (B, H, M, d), v_lat None for the one-sided form; r_tok, v_tok: (B, H, N, d); padding_mask (B, N)
     bool, True marking padding. `chunk` overrides the tokens per chunk (default: `chunk_size`). `packed_tok`: the
     (B, N, 2 * H * d) projection r_tok and v_tok are `bixt.nn.layers.split_heads` of; given, the op takes it as its
     input and returns its gradient whole, written in place, instead of two gradients that autograd would stack
-    and copy (100 MB each at 65k tokens, H * d = 192).
+    and copy (100 MB each at 65k tokens, H * d = 192). `shard`: the tokens are this process's part of the
+    samples' tokens (bixt.nn.sharding); the latents' update is over all processes' tokens.
     """
     B, H, M, d = r_lat.shape
     check_padding_mask(padding_mask, (B, r_tok.shape[2]))
@@ -459,5 +470,6 @@ def fused_bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Te
     if dtype in (torch.float16, torch.bfloat16):  # running sums need float32; the inputs are cast per call
         r_lat, v_lat, r_tok, v_tok, packed_tok = (None if t is None else t.float()
                                                   for t in (r_lat, v_lat, r_tok, v_tok, packed_tok))
-    lat, tok = FusedBiDirectionalAttention.apply(r_lat, v_lat, r_tok, v_tok, packed_tok, padding_mask, scale, chunk)
+    lat, tok = FusedBiDirectionalAttention.apply(r_lat, v_lat, r_tok, v_tok, packed_tok, padding_mask, scale, chunk,
+                                                 shard)
     return lat.to(dtype), None if tok is None else tok.to(dtype)

@@ -8,8 +8,9 @@ from torch import Tensor
 
 
 def fourier_grid_2d(h: int, w: int, hidden: int = 32, temperature: float = 10000.0,
-                    device: torch.device | None = None) -> Tensor:
-    """DETR/XCiT sin-cos features of an h x w token grid: (2 * hidden, h, w), y features first.
+                    device: torch.device | None = None, rows: tuple[int, int] | None = None) -> Tensor:
+    """DETR/XCiT sin-cos features of an h x w token grid: (2 * hidden, h, w), y features first; `rows` = (r0, r1):
+    only those rows of the grid, (2 * hidden, r1 - r0, w), the same values (a token shard's part).
 
     Computed in float32 in the same order as the authors' code, so their stored buffer matches bit for bit.
     """
@@ -17,6 +18,8 @@ def fourier_grid_2d(h: int, w: int, hidden: int = 32, temperature: float = 10000
     y = torch.arange(1, h + 1, dtype=torch.float32, device=device)
     x = torch.arange(1, w + 1, dtype=torch.float32, device=device)
     y = y / (y[-1:] + eps) * scale
+    if rows is not None:
+        y = y[rows[0]:rows[1]]
     x = x / (x[-1:] + eps) * scale
     dim_t = torch.arange(hidden, dtype=torch.float32, device=device)
     dim_t = temperature ** (2 * (dim_t // 2) / hidden)
@@ -25,17 +28,19 @@ def fourier_grid_2d(h: int, w: int, hidden: int = 32, temperature: float = 10000
         v = v[:, None] / dim_t
         return torch.stack((v[:, 0::2].sin(), v[:, 1::2].cos()), dim=2).flatten(1)
 
-    pos_y = interleave(y)[:, None, :].expand(h, w, hidden)
-    pos_x = interleave(x)[None, :, :].expand(h, w, hidden)
+    pos_y = interleave(y)[:, None, :].expand(len(y), w, hidden)
+    pos_x = interleave(x)[None, :, :].expand(len(y), w, hidden)
     return torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)
 
 
-def sincos_1d(n: int, dim: int, temperature: float = 10000.0, device: torch.device | None = None) -> Tensor:
-    """Transformer sin-cos positions for n tokens: (n, dim), sines in the first half, cosines in the second."""
+def sincos_1d(n: int, dim: int, temperature: float = 10000.0, device: torch.device | None = None,
+              start: int = 0) -> Tensor:
+    """Transformer sin-cos positions of tokens start..start + n - 1: (n, dim), sines in the first half, cosines in
+    the second."""
     if dim % 2:
         raise ValueError(f"sin-cos positions need an even dim, got {dim}")
     freqs = temperature ** (-torch.arange(dim // 2, dtype=torch.float32, device=device) / (dim // 2))
-    angles = torch.arange(n, dtype=torch.float32, device=device)[:, None] * freqs
+    angles = torch.arange(start, start + n, dtype=torch.float32, device=device)[:, None] * freqs
     return torch.cat((angles.sin(), angles.cos()), dim=1)
 
 

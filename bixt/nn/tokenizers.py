@@ -2,6 +2,8 @@
 
 One interface for every modality, so BiXT and the baselines can be handed the same tensors:
   forward(x) -> (B, N, dim)
+  forward(x, shard) -> (B, stop - start, dim): only this process's tokens (bixt.nn.sharding), positions global
+  token_span(x, shard) -> (start, stop, N): where this process's tokens sit among the N tokens of x
   example_input(batch_size, seq_len) -> a random input that yields exactly seq_len tokens
   default_seq_len: the number of tokens at the model's default input
 """
@@ -10,9 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bixt.nn.posenc import fourier_features, fourier_grid_2d, sincos_1d
+from bixt.nn.sharding import TokenShard
 
 MODALITIES = ("image", "points", "sequence")
 
@@ -67,10 +71,13 @@ class FourierPosEmbed2d(nn.Module):
         if grid is not None:
             self.register_buffer("pos", fourier_grid_2d(*grid, hidden=hidden))
 
-    def forward(self, h: int, w: int) -> Tensor:
+    def forward(self, h: int, w: int, rows: tuple[int, int] | None = None) -> Tensor:
+        """(h * w, dim); with `rows` = (r0, r1) only those rows of the grid."""
         pos = getattr(self, "pos", None)
         if pos is None or pos.shape[1:] != (h, w):
-            pos = fourier_grid_2d(h, w, hidden=self.hidden, device=self.proj.weight.device)
+            pos = fourier_grid_2d(h, w, hidden=self.hidden, device=self.proj.weight.device, rows=rows)
+        elif rows is not None:
+            pos = pos[:, rows[0]:rows[1]]
         return self.proj(pos.to(self.proj.weight.dtype)).flatten(1).transpose(0, 1)  # (h * w, dim)
 
 
@@ -94,10 +101,26 @@ class ImageTokenizer(nn.Module):
         self.default_seq_len = grid * grid
         self.pos_embed = FourierPosEmbed2d(dim, grid=(grid, grid) if pos_buffer else None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, shard: TokenShard | None = None) -> Tensor:
         check_image(x, self.in_chans, self.stride)
-        x = self.proj(x)
-        return x.flatten(2).transpose(1, 2) + self.pos_embed(*x.shape[2:])
+        if shard is None:
+            x = self.proj(x)
+            return x.flatten(2).transpose(1, 2) + self.pos_embed(*x.shape[2:])
+        # A band of token rows: its pixel rows plus the overlapping patches' halo, zero-padded at the image's edges.
+        s, pad = self.stride, self.proj.padding[0]
+        h, w = x.shape[2] // s, x.shape[3] // s
+        r0, r1 = shard.span(h, "token rows")
+        top, bottom = r0 * s - pad, r1 * s + pad
+        band = F.pad(x[:, :, max(top, 0):min(bottom, x.shape[2])],
+                     (0, 0, max(-top, 0), max(bottom - x.shape[2], 0)))
+        y = F.conv2d(band, self.proj.weight, self.proj.bias, stride=s, padding=(0, pad))
+        return y.flatten(2).transpose(1, 2) + self.pos_embed(h, w, rows=(r0, r1))
+
+    def token_span(self, x: Tensor, shard: TokenShard) -> tuple[int, int, int]:
+        check_image(x, self.in_chans, self.stride)
+        h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
+        r0, r1 = shard.span(h, "token rows")
+        return r0 * w, r1 * w, h * w
 
     def example_input(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> Tensor:
         seq_len = seq_len or self.default_seq_len
@@ -130,12 +153,17 @@ class PointTokenizer(nn.Module):
         self.embed = nn.Linear(in_chans, dim)
         self.pos_proj = nn.Linear(3 * 2 * fourier_bands, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, shard: TokenShard | None = None) -> Tensor:
         _check_rank(x, 3, f"point models take (B, N, {self.in_chans}) point clouds")
         if x.shape[-1] != self.in_chans:
             raise ValueError(f"expected {self.in_chans} channels per point, got {x.shape[-1]}: create the model "
                              f"with in_chans={x.shape[-1]}")
+        if shard is not None:  # every point is a token of its own: a shard is a subset of the points
+            x = x[:, slice(*self.token_span(x, shard)[:2])]
         return self.embed(x) + self.pos_proj(fourier_features(x[..., :3], self.bands, self.max_freq))
+
+    def token_span(self, x: Tensor, shard: TokenShard) -> tuple[int, int, int]:
+        return *shard.span(x.shape[1], "points"), x.shape[1]
 
     def example_input(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> Tensor:
         seq_len = seq_len or self.default_seq_len
@@ -157,15 +185,22 @@ class SequenceTokenizer(nn.Module):
         self.default_seq_len = seq_len
         self.embed = nn.Embedding(vocab_size, dim) if vocab_size else nn.Linear(in_chans, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, shard: TokenShard | None = None) -> Tensor:
         if self.vocab_size:
             _check_rank(x, 2, "this sequence model takes (B, N) integer token ids")
             if x.is_floating_point():
                 raise ValueError("this sequence model takes integer token ids, got floats: pass a long tensor")
         else:
             _check_rank(x, 3, f"this sequence model takes (B, N, {self.in_chans}) features")
+        start = 0
+        if shard is not None:  # a span of the sequence, with the positions of its place in the whole
+            start, stop, _ = self.token_span(x, shard)
+            x = x[:, start:stop]
         tokens = self.embed(x)
-        return tokens + sincos_1d(x.shape[1], self.dim, device=x.device).to(tokens.dtype)
+        return tokens + sincos_1d(x.shape[1], self.dim, device=x.device, start=start).to(tokens.dtype)
+
+    def token_span(self, x: Tensor, shard: TokenShard) -> tuple[int, int, int]:
+        return *shard.span(x.shape[1], "sequence positions"), x.shape[1]
 
     def example_input(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> Tensor:
         seq_len = seq_len or self.default_seq_len

@@ -31,6 +31,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0  # max gradient norm; None: no clipping
     amp: bool = False  # bf16 autocast on CUDA or a bf16-capable CPU (fp16 + loss scaling on CUDA without bf16)
     grad_checkpointing: bool = False  # recompute activations in the backward: less memory, same numbers
+    shard_tokens: int = 1  # processes sharing each sample's tokens (torchrun; bixt.nn.sharding)
     augment: bool = True
     device: str | None = None  # cpu | cuda; None: cuda when available
     seed: int = 0
@@ -48,6 +49,7 @@ class TrainConfig:
                   (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
                   (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 (or null for none)"),
                   (self.seed >= 0, "--seed must be >= 0"),
+                  (self.shard_tokens >= 1, "--shard-tokens must be >= 1"),
                   (self.workers is None or self.workers >= 0, "workers must be >= 0")]
         for ok, message in checks:
             if not ok:

@@ -1,5 +1,8 @@
 """One process or many: torchrun's environment -> a process group (gloo on CPU, NCCL on CUDA), and the few
-collectives training needs. Without torchrun everything here is a no-op with world size 1."""
+collectives training needs. Without torchrun everything here is a no-op with world size 1.
+
+With token sharding (--shard-tokens P) the processes form a grid: consecutive groups of P processes share each
+sample's tokens (bixt.nn.sharding), and the world / P groups split the batch between them (data parallelism)."""
 from __future__ import annotations
 
 import os
@@ -16,10 +19,33 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    shard: int = 1  # processes per sample (token sharding)
+    token_group: object = None  # their process group
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which part of the batch this process works on."""
+        return self.rank // self.shard
+
+    @property
+    def data_world(self) -> int:
+        """Into how many parts the batch is split."""
+        return self.world // self.shard
+
+    @property
+    def weight(self) -> float:
+        """1 on one process per sample, 0 on the others: counts summed over the processes count a sample once."""
+        return float(self.rank % self.shard == 0)
+
+    def token_shard(self):
+        """This process's bixt.nn.sharding.TokenShard (None without token sharding)."""
+        from bixt.nn.sharding import TokenShard
+
+        return TokenShard(self.rank % self.shard, self.shard, self.token_group) if self.shard > 1 else None
 
     @property
     def active(self) -> bool:
@@ -42,10 +68,14 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def setup(device: str | None) -> Dist:
-    """Join torchrun's process group when launched by it (WORLD_SIZE > 1), else a single process."""
+def setup(device: str | None, shard_tokens: int = 1) -> Dist:
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1), else a single process; with
+    `shard_tokens` P > 1, every P consecutive processes share each sample's tokens."""
     dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard_tokens < 1 or world % shard_tokens:
+        raise ValueError(f"--shard-tokens {shard_tokens} does not divide the {world} process(es): launch a multiple "
+                         f"of {shard_tokens} processes (torchrun --nproc_per_node {max(shard_tokens, 1)} ...)")
     if world <= 1:
         return Dist(device=dev)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -54,7 +84,12 @@ def setup(device: str | None) -> Dist:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank, world, local, dev)
+    group = None
+    if shard_tokens > 1:  # every process creates every group (new_group is collective); keeps its own
+        for first in range(0, world, shard_tokens):
+            g = dist.new_group(list(range(first, first + shard_tokens)))
+            group = g if first <= rank < first + shard_tokens else group
+    return Dist(rank, world, local, dev, shard_tokens, group)
 
 
 def teardown(d: Dist) -> None:

@@ -55,20 +55,21 @@ def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: 
 
 
 def steps_per_epoch(n: int, batch_size: int, d: Dist) -> int:
-    """Full batches per process per epoch (the sampler pads the data to a multiple of the world size)."""
-    return math.ceil(n / d.world) // (batch_size // d.world)
+    """Full batches per process per epoch (the sampler pads the data to a multiple of the data-parallel size)."""
+    return math.ceil(n / d.data_world) // (batch_size // d.data_world)
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, d: Dist) -> list[list[int]]:
     """This process's batches of one epoch: a permutation fixed by (seed, epoch), dealt out over the processes.
 
     With a global batch B split over W processes, batch k of every rank together holds exactly the samples of
-    batch k of a single process with batch B, so gradients averaged by DDP equal the single-process ones.
+    batch k of a single process with batch B, so gradients averaged by DDP equal the single-process ones. The
+    processes that shard one sample's tokens get the same batches.
     """
-    sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed)
+    sampler = DistributedSampler(range(n), num_replicas=d.data_world, rank=d.data_rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     idx = list(sampler)
-    per = batch_size // d.world
+    per = batch_size // d.data_world
     return [idx[i:i + per] for i in range(0, steps_per_epoch(n, batch_size, d) * per, per)]
 
 
@@ -94,10 +95,11 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, am
              workers: int = 0, pad_id: int | None = None) -> dict:
     """Top-1, top-5 (top-k for k = min(5, classes)), mean cross-entropy and samples/s over the whole split.
 
-    Each process takes every world-th sample (no padding), and the sums are reduced, so the numbers are exact.
+    Each process takes every world-th sample (no padding), and the sums are reduced, so the numbers are exact
+    (processes sharding one sample's tokens take the same samples and count them once).
     """
     model.eval()
-    idx = list(range(d.rank, len(dataset), d.world))
+    idx = list(range(d.data_rank, len(dataset), d.data_world))
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, samples
     start = time.perf_counter()
@@ -112,7 +114,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, am
             sums[2] += hits.any(dim=1).sum().item()
             sums[3] += len(y)
     seconds = time.perf_counter() - start
-    loss, top1, top5, n = all_sum(d, sums)
+    loss, top1, top5, n = all_sum(d, [v * d.weight for v in sums])
     n = max(n, 1)
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "samples": int(n), "seconds": seconds,
             "samples_per_s": n / max(seconds, 1e-9)}
@@ -203,7 +205,8 @@ def amp_dtype_for(amp: bool, device: torch.device) -> torch.dtype | None:
 
 def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist) -> Learner:
     """AdamW with warm-up + cosine per step, autocast when --amp (fp16 with loss scaling where bf16 is missing),
-    and DDP over the processes of a torchrun job."""
+    and DDP over the processes of a torchrun job (its mean of the gradients is also what token sharding needs:
+    bixt.nn.sharding)."""
     model.to(d.device)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     total = cfg.epochs * steps
@@ -247,7 +250,8 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
             loss = learner.criterion(logits.float(), y)
         value = loss.item()
         # The stop request travels with the step's numbers, so every process stops after the same step.
-        stats = StepStats(*all_sum(d, [value * len(y), (logits.argmax(1) == y).sum().item(), len(y),
+        w = d.weight  # a sample whose tokens several processes share is counted once
+        stats = StepStats(*all_sum(d, [w * value * len(y), w * (logits.argmax(1) == y).sum().item(), w * len(y),
                                        float(not math.isfinite(value)), float(stop.signum > 0)]))
         if stats.diverged:
             raise _diverged(value, state, Path(cfg.out) / rundir.LAST)
@@ -270,7 +274,7 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
 def validate(cfg: TrainConfig, learner: Learner, data: Data, state: TrainState) -> dict:
     """The test split after epoch `state.epoch`, in batches twice the training's: no activations are kept for a
     backward. A non-finite test loss (finite but huge weights) stops the run before the epoch is saved."""
-    test = evaluate(learner.model, data.test, max(1, 2 * cfg.batch_size // learner.d.world), learner.d,
+    test = evaluate(learner.model, data.test, max(1, 2 * cfg.batch_size // learner.d.data_world), learner.d,
                     amp_dtype=learner.amp_dtype, workers=data.workers, pad_id=data.pad_id)
     if not math.isfinite(test["loss"]):
         raise TrainingDiverged(f"test loss is {test['loss']} after epoch {state.epoch + 1}; nothing of that epoch "

@@ -59,7 +59,7 @@ def train(options: dict | TrainConfig | None = None, *, config_file: str | Path 
     if isinstance(options, TrainConfig):
         options = options.to_dict()
     cfg = resolve_config(options, config_file, resume)
-    d = dist_.setup(cfg.device)
+    d = dist_.setup(cfg.device, cfg.shard_tokens)
     try:
         return _train(cfg, d, resume is not None, console if d.main else None, on_step)
     finally:
@@ -72,6 +72,8 @@ def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step: OnStep |
     model = build_model(cfg.model, mcfg, cfg.model_args)  # before the folder: a bad model_args leaves nothing
     if cfg.grad_checkpointing:
         _checkpoint_activations(model, cfg.model)
+    if d.shard > 1:
+        model.shard_tokens(d.token_shard())
     lock = rundir.RunLock()  # taken by rank 0 alone, the one that writes
     run = dist_.on_main(d, lambda: rundir.prepare(cfg.out, f"{cfg.model}-{parse_spec(cfg.data).kind}", resuming,
                                                   lock))
@@ -84,7 +86,8 @@ def _run(cfg: TrainConfig, d: Dist, model: nn.Module, data: Data, steps: int, re
     saved = _load_checkpoint(cfg, model) if resuming else None
     learner = build_learner(cfg, model, steps, d)
     state = TrainState()
-    torch.manual_seed(cfg.seed + d.rank)  # dropout / drop-path differ between processes
+    # Drop-path differs between the data-parallel processes; those sharing a sample's tokens draw the same masks.
+    torch.manual_seed(cfg.seed + d.data_rank)
     if saved is not None:
         learner.load_state_dict(saved)
         state.load_state_dict(saved)
@@ -120,9 +123,9 @@ def _fit(cfg: TrainConfig, d: Dist) -> tuple[TrainConfig, object, Data, int]:
     """The checks that need the processes or the data; the config with its model named and sized for the data;
     the model config, the data, and the optimizer steps per epoch."""
     amp_dtype_for(cfg.amp, d.device)  # a CPU without bf16 refuses --amp here, before the run folder is made
-    if cfg.batch_size % d.world:
-        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {d.world} processes: use a multiple "
-                         f"of {d.world}")
+    if cfg.batch_size % d.data_world:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {d.data_world} data-parallel processes: "
+                         f"use a multiple of {d.data_world}")
     name, model_args = resolve_model(cfg)
     mcfg, data, model_args = build_for_data(name, model_args, cfg.data, seed=cfg.seed, augment=cfg.augment)
     steps = steps_per_epoch(len(data.train), cfg.batch_size, d)
