@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def profile(
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help=CHECKPOINT_HELP),
     backend: str = typer.Option(None, help="Attention backend (math, sdpa, xformers, auto...); default: the model's."),
     quick: bool = typer.Option(False, help="Shorter warm-up and timing (noisier)."),
+    shard_tokens: int = typer.Option(None, "--shard-tokens", metavar="P",
+                                     help="Under torchrun with P processes: each holds 1/P of the tokens (BiXT); "
+                                          "reports every process's peak memory, step time and bytes all-reduced."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
     model_arg: list[str] = typer.Option(None, "--model-arg", metavar="KEY=VALUE", help=MODEL_ARG_HELP),
 ):
@@ -117,6 +121,9 @@ def profile(
     overrides = parse_model_args(model_arg)
     setup = Setup(model, tokens_for(model, seq_len, img_size, overrides), batch_size, device, dtype, backend,
                   tuple(overrides.items()), grad_checkpointing=grad_checkpointing, amp=amp)
+    if shard_tokens is not None:
+        _profile_sharded(setup, shard_tokens, parse_modes(mode), QUICK_PLAN if quick else DEFAULT_PLAN, as_json)
+        return
     report = profile(setup, parse_modes(mode), QUICK_PLAN if quick else DEFAULT_PLAN)
     if as_json:
         json.dump(report, sys.stdout)
@@ -125,6 +132,28 @@ def profile(
     rows = [{"metric": k, "value": v} for k, v in report.items() if not k.endswith("_message") or v]
     console.print(_table(f"{model} at {setup.seq_len} tokens, batch {batch_size}", rows, ["metric", "value"]))
     console.print(GMACS_NOTE)
+
+
+SHARDED_COLUMNS = ["mode", "rank", "tokens", "peak_mem_mib", "step_ms", "comm_bytes_per_step",
+                   "model_comm_bytes_per_layer", "grad_comm_bytes_per_step", "iters"]
+
+
+def _profile_sharded(setup, shard: int, modes: tuple[str, ...], plan, as_json: bool) -> None:
+    from bixt.measure.sharded import profile_sharded
+
+    if shard < 1:
+        raise ValueError(f"--shard-tokens must be >= 1, got {shard}: pass the number of processes per sample")
+    rows = profile_sharded(setup, shard, modes, plan)
+    if int(os.environ.get("RANK", "0")):  # rank 0 reports for all
+        return
+    if as_json:
+        json.dump(rows, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    console.print(_table(f"{setup.model} at {setup.seq_len} tokens, batch {setup.batch_size}, {shard} process(es) "
+                         f"sharing the tokens", rows, SHARDED_COLUMNS))
+    console.print("bytes: the payload each process all-reduces per step (model: the latents' softmax statistics and "
+                  "their gradient, constant in the tokens; grad: the mean of the parameter gradients).")
 
 
 @app.command(cls=ListOptions)

@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import assert_one_line_error
 from test_train import ENV, TINY, columns, max_diff
+from typer.testing import CliRunner
 
 from bixt.models.registry import create_model
 from bixt.nn.sharding import TokenShard, comm_bytes, reset_comm
@@ -29,6 +31,8 @@ CASES = {
     "image": ("bixt_digits", {**SMALL, "img_size": 10}, lambda: torch.randn(3, 1, 10, 10), None),
     "image-p16": ("bixt_digits", {**SMALL, "img_size": 12, "patch_size": 4, "stride": 4, "dense_classes": 3},
                   lambda: torch.randn(2, 1, 12, 12), None),
+    # 8 x 8 patches every 2 pixels: the halo (3 pixels) is wider than a token row
+    "image-halo": ("bixt_digits", {**SMALL, "img_size": 12, "patch_size": 8}, lambda: torch.randn(2, 1, 12, 12), None),
     "points": ("bixt_shapes", {**SMALL, "dense_classes": 5}, lambda: torch.rand(3, 37, 3) * 2 - 1,
                lambda n: torch.arange(n)[None, :] >= torch.tensor([[37], [30], [21]])),
     # sample 0: all of the first process's part padded; sample 1: a padded tail across both parts
@@ -113,6 +117,7 @@ def _spawn(jobs: list, tmp_path, world: int = 2) -> list[dict]:
     return [json.loads(open(f"{out}.{r}").read()) for r in range(world)]
 
 
+@pytest.mark.slow
 def test_sharded_forward_and_gradients_equal_one_process(tmp_path):
     jobs = [(name, backend, False) for name in CASES for backend in ("math", "fused")]
     jobs += [("points", "fused", True), ("image", "auto", True)]
@@ -124,8 +129,10 @@ def test_sharded_forward_and_gradients_equal_one_process(tmp_path):
         assert ranks[0][key]["bytes"] == ranks[1][key]["bytes"] > 0, key
 
 
+@pytest.mark.slow
 def test_three_processes_and_communication_constant_in_tokens(tmp_path):
-    ranks = _spawn([("points", "fused", False), ("sequence", "math", False)], tmp_path, world=3)
+    ranks = _spawn([("points", "fused", False), ("sequence", "math", False), ("image-halo", "math", False)], tmp_path,
+                   world=3)
     assert [r["points/fused/False"]["tokens"] for r in ranks] == [12, 12, 13]
 
 
@@ -145,7 +152,8 @@ def test_bytes_do_not_grow_with_the_tokens():
     # per layer, sample, head and latent: d + 1 sums and at most one max forward, d gradients backward
     batch, heads, latents, d, layers = 2, 2, 8, 32 // 2, 3
     assert sent[0] == sent[1]
-    assert layers * batch * heads * latents * (2 * d + 1) * 4 <= sent[0] <= layers * batch * heads * latents * (2 * d + 2) * 4
+    per_unit = layers * batch * heads * latents * 4
+    assert per_unit * (2 * d + 1) <= sent[0] <= per_unit * (2 * d + 2)
 
 
 def test_bad_sharding_is_refused_in_one_line():
@@ -236,3 +244,47 @@ def test_shard_tokens_without_enough_processes_is_one_line(tmp_path):
         train({**SHARDED, "shard_tokens": 2, "out": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
 
+
+
+@pytest.mark.slow
+def test_tokens_times_samples_grid_equals_one_process(tmp_path):
+    """4 processes: 2 share each sample's tokens, 2 such pairs split the batch. Without drop-path: data-parallel
+    processes draw their own masks, so only the deterministic run can equal one process (as in test_ddp)."""
+    opts = {**SHARDED, "model_args": {**SHARDED["model_args"], "drop_path_rate": 0.0}}
+    torch.set_num_threads(1)
+    train({**opts, "out": str(tmp_path / "one")})
+    config = tmp_path / "grid.yaml"
+    config.write_text(json.dumps(opts))
+    proc = _torchrun(["train", "--config", str(config), "--shard-tokens", "2", "--out", str(tmp_path / "grid")], 4)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert max_diff(tmp_path / "one" / "last.safetensors", tmp_path / "grid" / "last.safetensors") <= 1e-5
+    for a, b in zip(columns(tmp_path / "one"), columns(tmp_path / "grid"), strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_profile_reports_every_process_and_constant_communication():
+    rows = {}
+    for n in (64, 256):
+        proc = _torchrun(["profile", "-m", "bixt_shapes", "--seq-len", str(n), "--mode", "train", "--shard-tokens",
+                          "2", "--quick", "--json", "--model-arg", "depth=2", "--model-arg", "dim=32"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        rows[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert [(r["rank"], r["tokens"]) for r in rows[n]] == [(0, n // 2), (1, n // 2)]
+        assert all(r["peak_mem_mib"] > 0 and r["step_ms"] > 0 for r in rows[n])
+        params = sum(p.numel() for p in create_model("bixt_shapes", depth=2, dim=32).parameters())
+        assert rows[n][0]["grad_comm_bytes_per_step"] == 4 * params
+    assert rows[64][0]["model_comm_bytes_per_layer"] == rows[256][0]["model_comm_bytes_per_layer"] > 0
+
+
+def test_profile_shard_tokens_needs_its_processes():
+    from bixt_cli.main import app
+
+    runner = CliRunner()
+    assert_one_line_error(runner.invoke(app, ["profile", "-m", "bixt_shapes", "--seq-len", "64", "--shard-tokens",
+                                              "2"]), "--shard-tokens 2 needs 2 processes")
+    assert_one_line_error(runner.invoke(app, ["profile", "-m", "vit_ti_points", "--seq-len", "64", "--shard-tokens",
+                                              "1"]), "token sharding is BiXT's")
+    assert_one_line_error(runner.invoke(app, ["train", "--data", "shapes:points=32,train=64,test=32", "--shard-tokens",
+                                              "2"]), "launch a multiple of 2 processes")

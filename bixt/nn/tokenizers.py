@@ -106,14 +106,16 @@ class ImageTokenizer(nn.Module):
         if shard is None:
             x = self.proj(x)
             return x.flatten(2).transpose(1, 2) + self.pos_embed(*x.shape[2:])
-        # A band of token rows: its pixel rows plus the overlapping patches' halo, zero-padded at the image's edges.
+        # A band of token rows, convolved from a VIEW of the image (no copy kept for backward): c token rows of
+        # context on either side cover the overlapping patches' halo, the image's edges get the conv's zero padding,
+        # and the context rows' outputs are dropped.
         s, pad = self.stride, self.proj.padding[0]
         h, w = x.shape[2] // s, x.shape[3] // s
         r0, r1 = shard.span(h, "token rows")
-        top, bottom = r0 * s - pad, r1 * s + pad
-        band = F.pad(x[:, :, max(top, 0):min(bottom, x.shape[2])],
-                     (0, 0, max(-top, 0), max(bottom - x.shape[2], 0)))
-        y = F.conv2d(band, self.proj.weight, self.proj.bias, stride=s, padding=(0, pad))
+        c = -(-pad // s)
+        v0, v1 = max(r0 - c, 0), min(r1 + c, h)
+        y = F.conv2d(x[:, :, v0 * s:v1 * s], self.proj.weight, self.proj.bias, stride=s, padding=pad)
+        y = y[:, :, r0 - v0:r1 - v0]
         return y.flatten(2).transpose(1, 2) + self.pos_embed(h, w, rows=(r0, r1))
 
     def token_span(self, x: Tensor, shard: TokenShard) -> tuple[int, int, int]:

@@ -214,8 +214,9 @@ def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist) -> Le
     amp_dtype = amp_dtype_for(cfg.amp, d.device)
     # bf16 keeps float32's exponent range, so only fp16 (CUDA without bf16) needs its loss scaled.
     scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda" and amp_dtype == torch.float16)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
-        if d.active else model
+    # Gradients as views into DDP's buckets: no second copy of them (a model's size less at every step's peak).
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None,
+                                              gradient_as_bucket_view=True) if d.active else model
     return Learner(model, net, opt, sched, scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                    amp_dtype, cfg.clip_grad, d)
 
