@@ -45,6 +45,16 @@ def max_diff(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
+def assert_same_run(one: Path, two: Path, epochs: int, weights_tol: float = 1e-5) -> None:
+    """Two run folders hold the same weights (to `weights_tol`) and the same metrics (to 1e-5) for `epochs`."""
+    assert max_diff(one / "last.safetensors", two / "last.safetensors") <= weights_tol
+    a_rows, b_rows = columns(one), columns(two)
+    assert len(a_rows) == len(b_rows) == epochs
+    for a, b in zip(a_rows, b_rows, strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """TINY trained without interruption."""

@@ -96,6 +96,10 @@ class Plan:
         timed = min(self.max_iters, max(self.min_iters, math.ceil(self.target_s / step_s))) if step_s > 0 else 1
         return warm, timed
 
+    def more(self, times: list[float]) -> bool:
+        """Whether to time another step after `times`."""
+        return len(times) < self.min_iters or (sum(times) < self.target_s and len(times) < self.max_iters)
+
 
 DEFAULT_PLAN = Plan()
 QUICK_PLAN = Plan(warmup_s=0.3, min_iters=2, max_iters=10, target_s=0.5)
@@ -293,6 +297,17 @@ def _step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, amp: bool = Fal
     return step
 
 
+def time_step(step, device: torch.device) -> float:
+    """Seconds `step()` takes, with the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def run_mode(prep: Prepared, mode: str, plan: Plan) -> dict:
     """Peak memory of the first step, then the timed steps; meant to run in a fresh process (see `measure`)."""
     s = prep.setup
@@ -304,13 +319,7 @@ def run_mode(prep: Prepared, mode: str, plan: Plan) -> dict:
     step = _step_fn(model, x, mode, s.amp)
 
     def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return time_step(step, device)
 
     with PeakMemory(device) as first:
         warm = timed()
@@ -318,7 +327,7 @@ def run_mode(prep: Prepared, mode: str, plan: Plan) -> dict:
         warm += timed()
     with PeakMemory(device) as steady:  # the first timed step; the peak reset happens outside its timer
         times = [timed()]
-    while len(times) < plan.min_iters or (sum(times) < plan.target_s and len(times) < plan.max_iters):
+    while plan.more(times):
         times.append(timed())
     step_s = statistics.median(times)
     return {"status": "ok", "message": "", "peak_mem_mib": first.peak_mib, "act_mem_mib": steady.peak_mib,

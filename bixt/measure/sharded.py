@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from bixt.measure.memory import PeakMemory
-from bixt.measure.profile import DTYPES, Plan, Setup, prepare
+from bixt.measure.profile import DTYPES, Plan, Setup, prepare, time_step
 from bixt.nn.sharding import TokenShard, comm_bytes, reset_comm
 
 
@@ -75,13 +74,7 @@ def measure_mode(setup: Setup, mode: str, plan: Plan, shard: TokenShard | None) 
     def timed() -> float:
         if shard is not None:
             dist.barrier(group=shard.group)  # time the step, not a wait for the slowest process's last one
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return time_step(step, device)
 
     def agree(want: bool) -> bool:
         """Whether any process wants another step: they must all take the same steps, or the collectives of one
@@ -99,7 +92,7 @@ def measure_mode(setup: Setup, mode: str, plan: Plan, shard: TokenShard | None) 
     while agree(warm < plan.warmup_s):
         warm += timed()
     times = [timed()]
-    while agree(len(times) < plan.min_iters or (sum(times) < plan.target_s and len(times) < plan.max_iters)):
+    while agree(plan.more(times)):
         times.append(timed())
     span = model.tokenizer.token_span(x, shard or TokenShard(0, 1))
     depth = getattr(prep.config, "depth", 1)
