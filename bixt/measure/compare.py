@@ -57,6 +57,7 @@ PUBLISHED = {
     "bixt_ti_l64_p16s8": (4.69, 15_121_192),
     "bixt_ti_l64_p16s4": (16.74, 15_121_192),
     "bixt_ed256_l64_p16": (2.91, 26_682_088),
+    "bixt_ti_cnv_l64_p16": (1.7574, 15_192_640),
     "vit_ti_p16": (1.26, 5_717_416),
 }
 # Metrics fitted and plotted against the sequence length; the mode's status must be ok for its metrics.

@@ -32,6 +32,7 @@ from torch import nn
 from bixt.models.registry import count_params, get_entry
 from bixt.nn import fused
 from bixt.nn.attention import BiDirectionalCrossAttention
+from bixt.nn.tokenizers import conv_stem_widths
 
 Shape = list[int]
 
@@ -155,7 +156,8 @@ def count_macs(model: nn.Module, inputs: Any) -> MacCount:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Closed forms, term by term as fvcore counts them (batch 1): Linear in * out per row, conv in * k * k * out per
-# output position, LayerNorm 5 per element, attention L * S * (E + Ev) per head. They are an independent check of
+# output position, LayerNorm 5 per element, BatchNorm (inference) 2 per element, attention L * S * (E + Ev) per head.
+# They are an independent check of
 # the traced count (tested to 2 %) and predict the cost of a configuration before it runs.
 
 
@@ -167,11 +169,26 @@ def _mlp(rows: int, dim: int, ratio: float) -> int:
     return 2 * rows * dim * int(dim * ratio)
 
 
+def conv_stem_macs(in_chans: int, dim: int, patch_size: int, n: int) -> int:
+    """The conv tokenizer (bixt.nn.tokenizers.ConvImageTokenizer) for n tokens of a square grid: each 3x3 stride-2
+    conv stage in * 9 * out per output pixel, and its BatchNorm 2 per output element (fvcore's inference count)."""
+    pixels, total, width_in = n * patch_size ** 2, 0, in_chans
+    for width in conv_stem_widths(dim, patch_size):
+        pixels //= 4  # each stage halves both sides
+        total += pixels * width * (width_in * 9 + 2)
+        width_in = width
+    return total
+
+
 def tokenizer_macs(cfg, n: int, dim: int, fourier_proj: bool) -> int:
     """The tokenizers of `bixt.nn.tokenizers` for n tokens; `fourier_proj`: the image 1x1 conv of the 64 Fourier
     channels (BiXT's positional encoding; ViT's learned table and the Perceiver's raw pixels cost nothing)."""
     if cfg.modality == "image":
-        return n * dim * cfg.in_chans * cfg.patch_size ** 2 + (n * 64 * dim if fourier_proj else 0)
+        if getattr(cfg, "tokenizer", "patch") == "conv":  # only BiXT's config offers the conv stem
+            stem = conv_stem_macs(cfg.in_chans, dim, cfg.patch_size, n)
+        else:
+            stem = n * dim * cfg.in_chans * cfg.patch_size ** 2
+        return stem + (n * 64 * dim if fourier_proj else 0)
     if cfg.modality == "points":
         return n * dim * (cfg.in_chans + 3 * 2 * cfg.fourier_bands)
     return n * dim * cfg.in_chans  # ids: an embedding lookup, 0 MACs; features: one Linear

@@ -69,6 +69,9 @@ class BiXT(LatentModel):
         span, with the positions of its place in the whole. Latents, logits and features are the same on every
         process, token features and dense logits are this process's tokens. Gradients: bixt.nn.sharding."""
         if shard is not None:
+            if not callable(getattr(self.tokenizer, "token_span", None)):
+                raise ValueError(f"{type(self.tokenizer).__name__} cannot cut its part of the tokens: token sharding "
+                                 "needs a tokenizer with token_span (patch images, points, sequences)")
             if self.cfg.drop_rate or self.cfg.attn_drop_rate:
                 raise ValueError("token sharding needs drop_rate=0 and attn_drop_rate=0: element-wise dropout of "
                                  "different numbers of tokens would set the processes' random streams apart, and with "

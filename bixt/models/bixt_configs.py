@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from bixt.models.config import ModelConfig
+from bixt.nn.tokenizers import IMAGE_TOKENIZERS, check_conv_geometry
 
 # How latents and tokens exchange information in each layer (the paper's Table 1): one shared similarity matrix
 # (BiXT), two one-way cross-attentions one after the other, or latents re-reading the embedded tokens (Perceiver-like,
@@ -18,6 +19,7 @@ class BiXTConfig(ModelConfig):
     """Everything that defines a BiXT. The defaults are BiXT-Ti/16 for 224 px ImageNet."""
 
     pos_buffer: bool = True  # keep the img_size grid's Fourier features as a buffer (authors' fixed variants)
+    tokenizer: str = "patch"  # images: patch (one strided conv) | conv (the authors' 3x3 conv stem, stride=patch_size)
     num_latents: int = 64
     token_dim: int | None = None  # the token stream's width; None: dim (the latents')
     attn_dim: int | None = None  # inner width of the cross-attention; None: dim
@@ -38,6 +40,12 @@ class BiXTConfig(ModelConfig):
         if self.cross_attention not in CROSS_ATTENTION:
             raise ValueError(f"unknown cross_attention {self.cross_attention!r}: choose one of "
                              f"{', '.join(CROSS_ATTENTION)}")
+        if self.tokenizer not in IMAGE_TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r}: choose one of {', '.join(IMAGE_TOKENIZERS)}")
+        if self.tokenizer == "conv":
+            if self.modality != "image":
+                raise ValueError(f"tokenizer='conv' is an image tokenizer, the model's modality is {self.modality!r}")
+            check_conv_geometry(self.patch_size, self.stride, self.img_size, self.token_dim)
 
     @property
     def two_sided_last(self) -> bool:
@@ -55,6 +63,7 @@ class BiXTConfig(ModelConfig):
 # encoding recomputed per input (no stored grid). `d13`: one more layer, for dense fine-tuning.
 _FT384 = {"img_size": 384, "pos_buffer": False}
 _ED256 = {"dim": 256, "heads": 8}
+_CONV = {"tokenizer": "conv"}
 MODEL_TABLE: dict[str, dict] = {
     "bixt_ti_l64_p16": {},
     "bixt_ti_l64_p16s8": {"stride": 8},
@@ -76,6 +85,12 @@ MODEL_TABLE: dict[str, dict] = {
     "bixt_ed256_l64_p16s8_ft384": {**_ED256, "stride": 8, **_FT384},
     "bixt_ed256LS_l64_p16s8": {**_ED256, "stride": 8, "layerscale": 1e-5},
     "bixt_ed256LS_l64_p16s8_ft384": {**_ED256, "stride": 8, "layerscale": 1e-5, **_FT384},
+    # The authors' convolutional tokenizer (`BiXTConvTok`): a 3x3 stride-2 conv + BatchNorm stem instead of one
+    # patch conv, otherwise the same model (their latinit is our init; their norm_lat is off with fc_norm).
+    "bixt_ti_cnv_l64_p16": {**_CONV},
+    "bixt_ti_cnv_l64_d13_p16": {**_CONV, "depth": 13},
+    "bixt_ti_cnv_l64_d13_p8": {**_CONV, "depth": 13, "patch_size": 8, "stride": 8},
+    "bixt_ti_cnv_l64_d13_p4": {**_CONV, "depth": 13, "patch_size": 4, "stride": 4},
     # Other modalities, same Ti body: ModelNet40-style point clouds and byte-level text (LRA-style).
     "bixt_ti_l64_points": {"modality": "points", "in_chans": 3, "seq_len": 1024, "num_classes": 40},
     "bixt_ti_l64_text": {"modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 4096,

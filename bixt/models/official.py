@@ -1,5 +1,6 @@
-"""Bridge to the authors' code (mrkshllr/BiXT, `timm/models/bixt.py`): their checkpoint key layout (the BiXT
-families' `checkpoint_filter_fn`) and their constructor arguments -> our config."""
+"""Bridge to the authors' code (mrkshllr/BiXT, `timm/models/bixt.py` and, with the convolutional tokenizer,
+`timm/models/bixt_convtok.py`): their checkpoint key layout (the BiXT families' `checkpoint_filter_fn`) and their
+constructor arguments -> our config."""
 from __future__ import annotations
 
 import re
@@ -12,7 +13,8 @@ from bixt.models.bixt_configs import BiXTConfig
 
 POS_KEY = "tokenizer.pos_embed.pos"
 
-# (authors' fragment, ours) of dotted key paths; applied in order, reversed for export.
+# (authors' fragment, ours) of dotted key paths; applied in order, reversed for export. The conv tokenizer's stem
+# keeps their indices below `proj` (patch_embed.proj.{2i}.{0: conv, 1: BatchNorm}), so one rule covers both.
 _KEY_MAP = [
     ("patch_embed.proj", "tokenizer.proj"),
     ("fourier_pos_encode.token_projection", "tokenizer.pos_embed.proj"),
@@ -80,8 +82,10 @@ def checkpoint_filter_fn(state: dict[str, Tensor], model: nn.Module | None = Non
                              "features: the file is corrupt or not a BiXT checkpoint")
     return state
 
-# The authors' tokenizer classes (the start of `embed_layer`) -> stride as a fraction of the patch size.
-_STRIDE_DIVISOR = {"PatchEmbed": 1, "PatchEmbedHalfStride": 2, "PatchEmbedQuarterStride": 4}
+# The authors' tokenizer classes (the start of `embed_layer`) -> (our `tokenizer`, stride as a fraction of the patch
+# size). ConvPatchEmbed is `BiXTConvTok`'s (bixt_convtok.py); its other arguments are `BiXT`'s.
+_TOKENIZERS = {"PatchEmbed": ("patch", 1), "PatchEmbedHalfStride": ("patch", 2),
+               "PatchEmbedQuarterStride": ("patch", 4), "ConvPatchEmbed": ("conv", 1)}
 _POSENC = {"fourier2d_embadd_proj": True, "fourier2d_embadd_proj_dyn": False}  # -> pos_buffer
 # Arguments that change nothing we compute (init schemes, flags for their training script).
 _IGNORED = {"weight_init", "latinit", "pretrained", "pretrained_strict", "pretrained_cfg", "block_fn",
@@ -90,7 +94,8 @@ _RATES = ("drop_rate", "attn_drop_rate", "drop_path_rate")  # the authors set ea
 
 
 def config_from_official_args(args: dict) -> BiXTConfig:
-    """Our config for the authors' `BiXT(**args)` (as stored in the parity fixtures' JSON files)."""
+    """Our config for the authors' `BiXT(**args)` or `BiXTConvTok(**args)` (as stored in the parity fixtures' JSON
+    files; `embed_layer` tells them apart)."""
     a = {"img_size": 224, "patch_size": 16, "in_chans": 3, "num_classes": 1000, "num_latents": 64,
          "embed_dim_lat": 192, "embed_dim_pat": None, "embed_dim_attn": None, "depth": 12, "sa_num_heads": 6,
          "ca_num_heads": 6, "sa_mlp_ratio": 4.0, "ca_lat_mlp_ratio": 4.0, "ca_pat_mlp_ratio": 4.0,
@@ -107,9 +112,10 @@ def config_from_official_args(args: dict) -> BiXTConfig:
     if len({a["sa_mlp_ratio"], a["ca_lat_mlp_ratio"], a["ca_pat_mlp_ratio"]}) != 1:
         raise ValueError("differing MLP ratios per block are not supported: one mlp_ratio covers all")
     tokenizer = str(a["embed_layer"]).split()[0]
-    if tokenizer not in _STRIDE_DIVISOR or a["posenc_type_pat"] not in _POSENC:
+    if tokenizer not in _TOKENIZERS or a["posenc_type_pat"] not in _POSENC:
         raise ValueError(f"unsupported tokenizer {tokenizer!r} / positional encoding {a['posenc_type_pat']!r}: "
-                         f"known are {', '.join(_STRIDE_DIVISOR)} / {', '.join(_POSENC)}")
+                         f"known are {', '.join(_TOKENIZERS)} / {', '.join(_POSENC)}")
+    kind, stride_divisor = _TOKENIZERS[tokenizer]
     rates = {}
     for k in _RATES:
         sa, ca = a.get(f"sa_{k}", 0.0), a.get(f"ca_{k}", 0.0)
@@ -119,7 +125,7 @@ def config_from_official_args(args: dict) -> BiXTConfig:
     dim = a["embed_dim_lat"]
     return BiXTConfig(
         img_size=a["img_size"], patch_size=a["patch_size"], in_chans=a["in_chans"],
-        stride=a["patch_size"] // _STRIDE_DIVISOR[tokenizer], pos_buffer=_POSENC[a["posenc_type_pat"]],
+        tokenizer=kind, stride=a["patch_size"] // stride_divisor, pos_buffer=_POSENC[a["posenc_type_pat"]],
         num_classes=a["num_classes"], num_latents=a["num_latents"], dim=dim,
         token_dim=None if a["embed_dim_pat"] in (None, dim) else a["embed_dim_pat"],
         attn_dim=None if a["embed_dim_attn"] in (None, dim) else a["embed_dim_attn"],

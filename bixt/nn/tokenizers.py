@@ -4,6 +4,7 @@ One interface for every modality, so BiXT and the baselines can be handed the sa
   forward(x) -> (B, N, dim)
   forward(x, shard) -> (B, stop - start, dim): only this process's tokens (bixt.nn.sharding), positions global
   token_span(x, shard) -> (start, stop, N): where this process's tokens sit among the N tokens of x
+    (these two are optional: ConvImageTokenizer has neither, and BiXT refuses to shard its tokens)
   example_input(batch_size, seq_len) -> a random input that yields exactly seq_len tokens
   default_seq_len: the number of tokens at the model's default input
 """
@@ -19,6 +20,9 @@ from bixt.nn.posenc import fourier_features, fourier_grid_2d, sincos_1d
 from bixt.nn.sharding import TokenShard
 
 MODALITIES = ("image", "points", "sequence")
+# How an image becomes tokens: one strided conv over (possibly overlapping) patches, or the authors' convolutional
+# stem (their `BiXTConvTok`, timm/models/bixt_convtok.py): stacked 3x3 stride-2 convs with BatchNorm.
+IMAGE_TOKENIZERS = ("patch", "conv")
 
 
 def _check_rank(x: Tensor, rank: int | tuple[int, ...], what: str) -> None:
@@ -136,6 +140,66 @@ class ImageTokenizer(nn.Module):
                            dtype=dtype)
 
 
+def conv_stem_widths(dim: int, patch_size: int) -> list[int]:
+    """Output channels of the conv tokenizer's stages: one 3x3 stride-2 conv per halving of the image side
+    (log2(patch_size) of them), each stage twice as wide as the one before, the last `dim` wide
+    (dim/8, dim/4, dim/2, dim for patch 16; dim/4, dim/2, dim for 8; dim/2, dim for 4)."""
+    stages = patch_size.bit_length() - 1
+    return [dim >> (stages - 1 - i) for i in range(stages)]
+
+
+def check_conv_geometry(patch_size: int, stride: int, img_size: int, dim: int) -> None:
+    """The conv tokenizer halves the image side log2(patch_size) times: one token per patch_size x patch_size."""
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise ValueError(f"the conv tokenizer needs a power-of-two patch size (4, 8, 16), got {patch_size}")
+    if stride != patch_size:
+        raise ValueError(f"the conv tokenizer makes one token per {patch_size}x{patch_size} patch (no overlap): set "
+                         f"stride={patch_size} to match patch_size={patch_size}, got stride={stride}")
+    if dim % (patch_size // 2):
+        raise ValueError(f"the conv tokenizer's first stage is dim / {patch_size // 2} wide: dim {dim} is not "
+                         f"divisible by {patch_size // 2}")
+    if img_size % patch_size:
+        raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}: use a multiple of "
+                         f"{patch_size}")
+
+
+class ConvImageTokenizer(nn.Module):
+    """The authors' convolutional tokenizer (their `ConvPatchEmbed`, XCiT's stem): log2(patch_size) stages of a
+    3x3 stride-2 conv (padding 1, no bias) and BatchNorm, GELU between stages, then the Fourier positions added as in
+    ImageTokenizer. An H x W image gives an (H / patch_size) x (W / patch_size) grid. `proj` keeps the authors'
+    layout (stage i at index 2i, its conv and norm at .0 and .1), so their checkpoints load by renaming alone.
+
+    No `token_span`: every stage's receptive field spans rows of the others, so this tokenizer does not shard.
+    """
+
+    modality = "image"
+
+    def __init__(self, dim: int, in_chans: int = 3, patch_size: int = 16, img_size: int = 224,
+                 pos_buffer: bool = True):
+        super().__init__()
+        check_conv_geometry(patch_size, patch_size, img_size, dim)
+        self.in_chans, self.stride, self.img_size = in_chans, patch_size, img_size
+        stages: list[nn.Module] = []
+        width_in = in_chans
+        for width in conv_stem_widths(dim, patch_size):
+            if stages:
+                stages.append(nn.GELU())
+            stages.append(nn.Sequential(nn.Conv2d(width_in, width, kernel_size=3, stride=2, padding=1, bias=False),
+                                        nn.BatchNorm2d(width)))
+            width_in = width
+        self.proj = nn.Sequential(*stages)
+        grid = img_size // patch_size
+        self.default_seq_len = grid * grid
+        self.pos_embed = FourierPosEmbed2d(dim, grid=(grid, grid) if pos_buffer else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_image(x, self.in_chans, self.stride)
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2) + self.pos_embed(*x.shape[2:])
+
+    example_input = ImageTokenizer.example_input  # the same square images, one token per `stride` pixels
+
+
 class PointTokenizer(nn.Module):
     """Points (B, N, in_chans): xyz in [-1, 1] first, then any per-point features (normals, colours...).
 
@@ -215,6 +279,8 @@ class SequenceTokenizer(nn.Module):
 def build_tokenizer(cfg, dim: int) -> nn.Module:
     """The tokenizer a model config asks for (any config with the input fields of `BiXTConfig`)."""
     if cfg.modality == "image":
+        if getattr(cfg, "tokenizer", "patch") == "conv":  # only BiXT's config offers the choice
+            return ConvImageTokenizer(dim, cfg.in_chans, cfg.patch_size, cfg.img_size, cfg.pos_buffer)
         return ImageTokenizer(dim, cfg.in_chans, cfg.patch_size, cfg.stride, cfg.img_size, cfg.pos_buffer)
     if cfg.modality == "points":
         return PointTokenizer(dim, cfg.in_chans, cfg.fourier_bands, cfg.max_freq, cfg.seq_len)
