@@ -4,6 +4,8 @@
   shapes[:points=N,train=N,...]   procedural point clouds of 10 shape classes, generated on the fly
   imagefolder:PATH                PATH/train/<class>/*.jpg|png... and PATH/val/<class>/... (the ImageNet layout)
   cifar10:PATH, cifar100:PATH     the python-batches layout (cifar-10-batches-py/, cifar-100-python/)
+  fashion-mnist[:PATH]            Fashion-MNIST's IDX files (default /usr/share/datasets/fashion-mnist/, Debian's
+                                  dataset-fashion-mnist), gzipped or not
   modelnet40:PATH                 the PointNet HDF5 files (*train*.h5, *test*.h5; needs h5py)
   listops[:length=N,train=N,...]  procedural ListOps expressions (LRA's task, shorter), as bytes, generated here
   textfolder:PATH                 PATH/train/<class>/<file> and PATH/test/<class>/... (or val/), read as bytes

@@ -1,10 +1,15 @@
-"""Files on disk into tensors: class-folder layouts, CIFAR's python batches, PointNet's ModelNet40 HDF5, text files.
+"""Files on disk into tensors: class-folder layouts, CIFAR's python batches, (Fashion-)MNIST's IDX files, PointNet's
+ModelNet40 HDF5, text files.
 
 Every reader checks what it reads and names the file and the fix in its error, since these are the user's files.
 """
 from __future__ import annotations
 
+import gzip
+import math
 import pickle
+import struct
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -163,6 +168,69 @@ def cifar_arrays(batches: list[Path], label_key: str, classes: int) -> tuple[Ten
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(labels)
     return torch.from_numpy(np.concatenate(xs)).float() / 255.0, torch.from_numpy(np.concatenate(ys))
+
+
+# ----------------------------------------------------------------------------------------------------- IDX
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the only one the (Fashion-)MNIST files use
+IDX_WHAT = {3: "images", 1: "labels"}  # what an IDX file of so many dimensions holds, for the errors
+
+
+def idx_file(root: Path, name: str, fix: str) -> Path:
+    """root/name or root/name.gz: the files are published gzipped and often stored unpacked."""
+    for path in (root / name, root / f"{name}.gz"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{root / name}(.gz) does not exist: {fix}")
+
+
+def read_idx(path: Path, dims: int) -> np.ndarray:
+    """An IDX file of unsigned bytes with `dims` dimensions, gzipped or not, as a uint8 array. Its bytes are read
+    with numpy, never unpickled; only as many as the header promises (and one more, to find trailing data), so a
+    header claiming more than memory is refused before anything is allocated."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"  # by content, not by name: an unpacked file may keep its .gz name
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            shape = _idx_shape(path, f.read(4 + 4 * dims), dims)
+            size = math.prod(shape)  # Python's ints: numpy's int64 product would overflow for a corrupt header
+            # the bytes, then the float32 images made of them
+            check_memory(f"{path} (shape {shape})", 5 * size, "is its header corrupt? re-download it")
+            data = f.read(size + 1)
+    except (OSError, EOFError, zlib.error) as e:  # gzip's errors for a corrupt or truncated stream among them
+        raise ValueError(f"{path} cannot be read ({e}): re-download it") from None
+    if len(data) != size:
+        problem = "is truncated" if len(data) < size else "has data past the end"
+        raise ValueError(f"{path} {problem}: its header promises {size} bytes of {IDX_WHAT[dims]} {shape}, "
+                         "re-download it")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _idx_shape(path: Path, header: bytes, dims: int) -> tuple[int, ...]:
+    """The shape in an IDX header: magic 0x0000TTDD (type TT, DD dimensions), then each dimension, big-endian."""
+    if len(header) < 4 + 4 * dims:
+        raise ValueError(f"{path} is truncated: {len(header)} bytes, shorter than an IDX header, re-download it")
+    magic, *shape = struct.unpack(f">{1 + dims}I", header)
+    if magic != IDX_UBYTE << 8 | dims:
+        raise ValueError(f"{path} has magic number 0x{magic:08x}, not 0x{IDX_UBYTE << 8 | dims:08x} (IDX "
+                         f"{IDX_WHAT[dims]}): is it the right file?")
+    if 0 in shape:
+        raise ValueError(f"{path} holds no {IDX_WHAT[dims]} (shape {tuple(shape)}): re-download it")
+    return tuple(shape)
+
+
+def idx_arrays(images: Path, labels: Path, classes: int) -> tuple[Tensor, Tensor]:
+    """An IDX images file and its labels file: (n, 1, H, W) floats in [0, 1], and the labels, checked to match."""
+    x, y = read_idx(images, 3), read_idx(labels, 1)
+    if len(x) != len(y):
+        raise ValueError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels: give the two files "
+                         "of one split")
+    if y.max() >= classes:
+        raise ValueError(f"{labels} has label {int(y.max())}, outside 0..{classes - 1}: is it the right file?")
+    # astype copies (the arrays read are read-only views of the file's bytes, which torch would warn about), then
+    # scaled in place: one float copy, as check_memory counted
+    images = x[:, None].astype(np.float32)
+    images /= 255
+    return torch.from_numpy(images), torch.from_numpy(y.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------- ModelNet40
