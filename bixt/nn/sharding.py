@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-_COMM = {"bytes": 0, "calls": 0}
+_COMM = {"bytes": 0}
 BACKENDS = ("auto", "math", "fused")
 
 
@@ -55,13 +55,12 @@ def comm_bytes() -> int:
 
 
 def reset_comm() -> None:
-    _COMM.update(bytes=0, calls=0)
+    _COMM["bytes"] = 0
 
 
 def all_reduce_(t: Tensor, shard: TokenShard, op=dist.ReduceOp.SUM) -> Tensor:
     """In-place all-reduce over the shard's processes, counted; no autograd."""
     _COMM["bytes"] += t.numel() * t.element_size()
-    _COMM["calls"] += 1
     dist.all_reduce(t, op=op, group=shard.group)
     return t
 
@@ -83,13 +82,12 @@ def all_reduce_sum(x: Tensor, shard: TokenShard) -> Tensor:
     return _AllReduceSum.apply(x, shard)
 
 
-def merge_online_softmax(acc: Tensor, offset: Tensor, shard: TokenShard, base2: bool = True) -> tuple[Tensor, Tensor]:
-    """Partial online-softmax sums of this process's tokens (`acc`, relative to `offset`, which broadcasts against
-    it) -> the sums over all processes' tokens, relative to the largest offset. No autograd (the fused backend's
-    forward)."""
+def merge_online_softmax(acc: Tensor, offset: Tensor, shard: TokenShard) -> tuple[Tensor, Tensor]:
+    """Partial online-softmax sums of this process's tokens (`acc`, relative to the base-2 `offset`, which
+    broadcasts against it) -> the sums over all processes' tokens, relative to the largest offset. No autograd (the
+    fused backend's forward)."""
     top = all_reduce_(offset.clone(), shard, dist.ReduceOp.MAX)
-    scale = (offset - top).exp2() if base2 else (offset - top).exp()
-    return all_reduce_((acc * scale).contiguous(), shard), top
+    return all_reduce_((acc * (offset - top).exp2()).contiguous(), shard), top
 
 
 def softmax_over_shards(scores: Tensor, v: Tensor, shard: TokenShard, key_padding_mask: Tensor | None = None,

@@ -114,8 +114,7 @@ class ImageTokenizer(nn.Module):
         # context on either side cover the overlapping patches' halo, the image's edges get the conv's zero padding,
         # and the context rows' outputs are dropped.
         s, pad = self.stride, self.proj.padding[0]
-        h, w = x.shape[2] // s, x.shape[3] // s
-        r0, r1 = shard.span(h, "token rows")
+        h, w, r0, r1 = self._rows(x, shard)
         c = -(-pad // s)
         v0, v1 = max(r0 - c, 0), min(r1 + c, h)
         y = F.conv2d(x[:, :, v0 * s:v1 * s], self.proj.weight, self.proj.bias, stride=s, padding=pad)
@@ -124,9 +123,13 @@ class ImageTokenizer(nn.Module):
 
     def token_span(self, x: Tensor, shard: TokenShard) -> tuple[int, int, int]:
         check_image(x, self.in_chans, self.stride)
-        h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
-        r0, r1 = shard.span(h, "token rows")
+        h, w, r0, r1 = self._rows(x, shard)
         return r0 * w, r1 * w, h * w
+
+    def _rows(self, x: Tensor, shard: TokenShard) -> tuple[int, int, int, int]:
+        """The token grid (h, w) of x and this process's band of its rows, [r0, r1)."""
+        h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
+        return h, w, *shard.span(h, "token rows")
 
     def example_input(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> Tensor:
         seq_len = seq_len or self.default_seq_len
