@@ -176,6 +176,11 @@ PERCEIVER_TABLE: dict[str, dict] = {
                             "max_freq": 32.0, "num_classes": 40},
     "perceiver_ti_text": {**_TI, "modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 4096,
                           "num_classes": 2},
+    # bixt_cpu's sizes (the training comparison's matched set): its 49 patches read raw with 8 Fourier bands per
+    # axis, a cross-attend before each of the 4 latent layers, the cross-attention's weights shared after the first.
+    "perceiver_cpu": {**_TI, "img_size": 28, "in_chans": 1, "patch_size": 8, "stride": 4, "fourier_bands": 8,
+                      "max_freq": 7.0, "num_latents": 16, "dim": 64, "attn_dim": 64, "cross_heads": 2, "heads": 2,
+                      "num_blocks": 4, "self_per_block": 1, "num_classes": 10},
 }
 CONFIGS: dict[str, PerceiverConfig] = {name: PerceiverConfig(**row) for name, row in PERCEIVER_TABLE.items()}
 register_family("perceiver", CONFIGS, Perceiver)

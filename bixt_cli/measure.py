@@ -14,6 +14,7 @@ from typer.core import TyperCommand
 
 from bixt_cli.app import MODEL_ARG_HELP, app, console, parse_model_args, user_errors
 
+# --vary is left out: it repeats, each KEY=V1,V2 holding commas of its own.
 LIST_OPTIONS = ("--models", "--baselines", "--seq-lens")
 GMACS_NOTE = ("gmacs: the architecture's count, one similarity matrix per layer as published, whatever the backend; "
               "gmacs_executed: what the backend that ran computes, counted on macs_backend (sdpa builds BiXT's "
@@ -67,6 +68,12 @@ def parse_modes(mode: str) -> tuple[str, ...]:
     if mode not in modes:
         raise ValueError(f"unknown --mode {mode!r}: choose infer, train or both")
     return modes[mode]
+
+
+def _refuse(options: dict, what: str) -> None:
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        raise ValueError(f"{given[0]} is one of {what}: drop it or change the mode")
 
 
 def _fmt(value) -> str:
@@ -159,25 +166,69 @@ def _profile_sharded(setup, shard: int, modes: tuple[str, ...], plan, as_json: b
 @app.command(cls=ListOptions)
 @user_errors
 def compare(
-    models: str = typer.Option(None, help="BiXT models (space or comma separated); default bixt_ti_l64_p16."),
-    baselines: str = typer.Option("vit,perceiver", help="Families (their default model) or model names."),
+    models: str = typer.Option(None, help="BiXT models (space or comma separated); default bixt_ti_l64_p16 "
+                                          "(with --data: bixt_cpu)."),
+    baselines: str = typer.Option("vit,perceiver", help="Families (their default model; with --data their matched "
+                                                        "CPU-sized one, bixt-ablation too) or model names."),
     seq_lens: str = typer.Option(None, help="Sequence lengths, e.g. 256,1024,4096,16384 (the default)."),
-    batch_size: int = typer.Option(1, help="Samples per step, the same for every model."),
+    batch_size: int = typer.Option(None, help="Samples per step, the same for every model (default 1; with --data "
+                                              "the training batch, default 64)."),
     budget_s: float = typer.Option(None, help="Seconds one configuration may take (predicted); default 300."),
-    out: Path = typer.Option(None, help="Output folder; default results/compare-<timestamp>/."),
+    out: Path = typer.Option(None, help="Output folder; default results/compare-<timestamp>/. With --data, an "
+                                        "earlier folder of the same study continues it."),
     quick: bool = typer.Option(False, help="Lengths 256,1024,4096, short timing, 20 s per configuration and 150 s "
-                                           "in all: a few minutes at most."),
-    mode: str = typer.Option("both", help="infer, train or both."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+                                           "in all: a few minutes at most. With --data: 2 seeds, 2 epochs, 1024 "
+                                           "training and 256 test samples."),
+    mode: str = typer.Option(None, help="infer, train or both (default both)."),
+    device: str = typer.Option(None, help="cpu or cuda (default cpu; with --data: cuda when available)."),
+    dtype: str = typer.Option(None, help="fp32, bf16 or fp16 (default fp32)."),
     amp: bool = typer.Option(False, "--amp", help=AMP_HELP),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help=CHECKPOINT_HELP),
     backend: str = typer.Option(None, help="Attention backend for every model; default: each model's own."),
-    fit_from: int = typer.Option(1024, help="Fit exponents over the lengths >= this (all if fewer than two)."),
+    fit_from: int = typer.Option(None, help="Fit exponents over the lengths >= this (all if fewer than two; "
+                                            "default 1024)."),
     timing: str = typer.Option(None, help="short or full warm-up and timing per mode (default: short with --quick, "
                                           "else full); short suits GPUs, whose steps take milliseconds."),
+    data: str = typer.Option(None, help="Train and test every model on this data spec (see `bixt train --help`): "
+                                        "accuracy (mean +- std over seeds) against cost, instead of the cost sweep."),
+    epochs: int = typer.Option(None, help="--data: epochs per run, the same for every model (default 40)."),
+    seeds: int = typer.Option(None, help="--data: seeds per model, 0..N-1 (default 3)."),
+    vary: list[str] = typer.Option(None, "--vary", metavar="KEY=V1,V2,...",
+                                   help="--data: the token-count axis, a model-config field and its values (e.g. "
+                                        "stride=4,2; repeat for fields that change together, zipped)."),
+    train_seconds: float = typer.Option(None, "--train-seconds",
+                                        help="--data: equal wall clock instead of equal epochs: each model trains "
+                                             "the whole epochs its measured step fits into this many seconds."),
+    train_samples: int = typer.Option(None, "--train-samples", metavar="N",
+                                      help="--data: a fixed subset of N training samples, the same for every run."),
+    test_samples: int = typer.Option(None, "--test-samples", metavar="N",
+                                     help="--data: a fixed subset of N test samples, the same for every run."),
+    lr: float = typer.Option(None, help="--data: peak learning rate of every run (default 0.002)."),
+    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="--data: warm-up epochs (default 3, capped at "
+                                                                      "half the run)."),
+    config: Path = typer.Option(None, "--config", help="--data: a TOML or YAML training config, the recipe every "
+                                                       "run shares (as `bixt train --config`)."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", metavar="KEY=VALUE",
+                                        help="--data: a model-config override for every model (repeatable)."),
 ):
-    """BiXT against baselines at growing sequence lengths: GMACs, memory, throughput, fitted exponents, plots."""
+    """BiXT against baselines at growing sequence lengths: GMACs, memory, throughput, fitted exponents, plots.
+    With --data: every model trained and tested on that data (same recipe, seeds and data order): test accuracy,
+    mean +- std over seeds, against GMACs, training time and memory."""
+    given = {"--seq-lens": seq_lens, "--budget-s": budget_s, "--mode": mode, "--dtype": dtype, "--backend": backend,
+             "--fit-from": fit_from, "--timing": timing, "--grad-checkpointing": grad_checkpointing or None}
+    training = {"--epochs": epochs, "--seeds": seeds, "--vary": vary or None, "--train-seconds": train_seconds,
+                "--train-samples": train_samples, "--test-samples": test_samples, "--lr": lr,
+                "--warmup-epochs": warmup_epochs, "--config": config, "--model-arg": model_arg or None}
+    if data is not None:
+        from bixt_cli.study import compare_training
+
+        _refuse(given, "the cost sweep's (without --data)")
+        compare_training(data, models, baselines, batch_size, out, quick, device, amp, epochs, seeds, vary,
+                         train_seconds, train_samples, test_samples, lr, warmup_epochs, config, model_arg)
+        return
+    _refuse(training, "training options: add --data SPEC to train")
+    batch_size, mode, device = 1 if batch_size is None else batch_size, mode or "both", device or "cpu"
+    dtype, fit_from = dtype or "fp32", 1024 if fit_from is None else fit_from
     from bixt.measure import compare as cmp
     from bixt.measure.profile import DEFAULT_PLAN, QUICK_PLAN
 

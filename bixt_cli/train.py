@@ -44,6 +44,11 @@ def train_command(
     shard_tokens: int = typer.Option(None, "--shard-tokens", metavar="P",
                                      help="Under torchrun: every P processes share each sample's tokens (BiXT; "
                                           "exact, for inputs too long for one device). Default 1."),
+    train_samples: int = typer.Option(None, "--train-samples", metavar="N",
+                                      help="Train on a fixed subset of N samples (the same for every seed; "
+                                           "default: all)."),
+    test_samples: int = typer.Option(None, "--test-samples", metavar="N",
+                                     help="Evaluate on a fixed subset of N test samples (default: all)."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
     seed: int = typer.Option(None, help="Seed of weights, data order and augmentation (default 0)."),
     out: Path = typer.Option(None, help="Run folder (default runs/<model>-<data>-<time>); must be new or empty."),
@@ -58,7 +63,8 @@ def train_command(
 
     options = {"model": model, "data": data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "amp": amp,
-               "grad_checkpointing": grad_checkpointing, "shard_tokens": shard_tokens, "device": device,
+               "grad_checkpointing": grad_checkpointing, "shard_tokens": shard_tokens, "train_samples": train_samples,
+               "test_samples": test_samples, "device": device,
                "seed": seed, "out": None if out is None else str(out),
                "model_args": parse_model_args(model_arg) or None}
     try:

@@ -1,5 +1,5 @@
-"""The package's shape: imports run one way (nn <- models <- io, data <- train; models <- measure; bixt_cli on
-top), the repository is self-contained, and the README's layout names what is there."""
+"""The package's shape: imports run one way (nn <- models <- io, data <- train; models <- measure; train, measure
+<- study; bixt_cli on top), the repository is self-contained, and the README's layout names what is there."""
 import ast
 import json
 import re
@@ -18,6 +18,7 @@ ALLOWED = {
     "bixt.data": {"bixt.nn", "bixt.models", "bixt_baselines"},
     "bixt.measure": {"bixt.nn", "bixt.models", "bixt_baselines", "bixt.io"},
     "bixt.train": {"bixt.nn", "bixt.models", "bixt_baselines", "bixt.io", "bixt.data"},
+    "bixt.study": {"bixt.nn", "bixt.models", "bixt_baselines", "bixt.io", "bixt.data", "bixt.train", "bixt.measure"},
 }
 LAYERS = (*ALLOWED, "bixt_cli")
 

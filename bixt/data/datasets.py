@@ -126,3 +126,46 @@ class ImageFolderSplit(Dataset):
             left, top = (w - cw) // 2, (h - ch) // 2
         im = im.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
         return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
+
+
+SUBSET_SEED = 0  # the samples a subset keeps: fixed, so every model and every seed of a comparison sees the same
+
+
+class SubsetSplit(Dataset):
+    """A fixed part of a split (`--train-samples` / `--test-samples`). Samples keep their index in the full split,
+    so their augmentation is the full split's too."""
+
+    def __init__(self, split: Dataset, indices: list[int]):
+        self.split, self.indices = split, indices
+        self.collate = getattr(split, "collate", default_collate)
+
+    @property
+    def epoch(self) -> int:
+        return self.split.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.split.epoch = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.split[self.indices[i]]
+
+    def __getitems__(self, idx: list[int]):
+        full = [self.indices[i] for i in idx]
+        if hasattr(self.split, "__getitems__"):
+            return self.split.__getitems__(full)
+        return [self.split[i] for i in full]
+
+
+def take(split: Dataset, n: int | None, what: str) -> Dataset:
+    """`n` samples of `split` drawn once by a fixed seed (in their original order); the whole split when n is None."""
+    if n is None:
+        return split
+    if n > len(split):
+        raise ValueError(f"--{what}-samples {n} is more than the {len(split)} {what} samples: use at most "
+                         f"{len(split)}, or leave it out for all of them")
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
+    return SubsetSplit(split, sorted(keep.tolist()))

@@ -1,5 +1,5 @@
 """Files on disk into tensors: class-folder layouts, CIFAR's python batches, (Fashion-)MNIST's IDX files, PointNet's
-ModelNet40 HDF5, text files.
+ModelNet40 and ShapeNetPart HDF5, ADE20K's image / label-map folders, text files.
 
 Every reader checks what it reads and names the file and the fix in its error, since these are the user's files.
 """
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bixt.data.spec import check_memory
+from bixt.data.transforms import sample_rng
 
 PAD_ID = 0  # byte sequences are padded with byte 0 (NUL, absent from text), masked in the model
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -239,8 +240,8 @@ def _h5py():
     try:
         import h5py
     except ImportError:
-        raise ValueError("modelnet40 data needs h5py: pip install 'bixt[modelnet40]' (or pip install h5py)") \
-            from None
+        raise ValueError("modelnet40 and shapenetpart data need h5py: pip install 'bixt[modelnet40]' (or pip install "
+                         "h5py)") from None
     return h5py
 
 
@@ -266,6 +267,100 @@ def modelnet_arrays(files: list[Path], points: int) -> tuple[Tensor, Tensor]:
         xs.append(data[:, :points, :3])  # the first N points, as PointNet does
         ys.append(label.reshape(-1))
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+# ----------------------------------------------------------------------------------------------------- ShapeNetPart
+# ShapeNetPart's 16 categories (the `label` ids, in this order) and their part ids (the `pid` values): 50 parts
+SHAPENETPART_PARTS: dict[str, tuple[int, ...]] = {
+    "Airplane": (0, 1, 2, 3), "Bag": (4, 5), "Cap": (6, 7), "Car": (8, 9, 10, 11), "Chair": (12, 13, 14, 15),
+    "Earphone": (16, 17, 18), "Guitar": (19, 20, 21), "Knife": (22, 23), "Lamp": (24, 25, 26, 27),
+    "Laptop": (28, 29), "Motorbike": (30, 31, 32, 33, 34, 35), "Mug": (36, 37), "Pistol": (38, 39, 40),
+    "Rocket": (41, 42, 43), "Skateboard": (44, 45, 46), "Table": (47, 48, 49),
+}
+SUBSET_STREAM = 0x5B5E  # sample_rng tag of the points kept per cloud (apart from transforms' and dense's tags)
+
+
+def _dataset(f, path: Path, key: str, dtype) -> np.ndarray:
+    if key not in f:
+        raise ValueError(f"{path} has no dataset {key!r}: expected PointNet's ShapeNetPart HDF5 files with 'data', "
+                         "'label' and 'pid'")
+    return np.asarray(f[key], dtype=dtype)
+
+
+def shapenetpart_arrays(files: list[Path], points: int, split: int) -> tuple[Tensor, Tensor]:
+    """`points` points of every cloud in PointNet's ShapeNetPart HDF5 files, (n, points, 3), and their part ids
+    (n, points). The points kept are a random subset, the same in every run (drawn from (split,), never from the
+    training seed): the files' clouds are not in random order everywhere, so their first points would be biased."""
+    h5py = _h5py()
+    owner = np.full(1 + max(max(p) for p in SHAPENETPART_PARTS.values()), -1, dtype=np.int64)
+    for c, parts in enumerate(SHAPENETPART_PARTS.values()):
+        owner[list(parts)] = c
+    rng = sample_rng(SUBSET_STREAM, split)
+    xs, ys = [], []
+    for path in files:
+        try:
+            with h5py.File(path, "r") as f:
+                data, label = _dataset(f, path, "data", np.float32), _dataset(f, path, "label", np.int64)
+                pid = _dataset(f, path, "pid", np.int64)
+        except OSError as e:
+            raise ValueError(f"{path} is not an HDF5 file ({e}): re-download it") from None
+        label = label.reshape(-1)
+        if data.ndim != 3 or data.shape[2] < 3 or pid.shape != data.shape[:2] or len(label) != len(data):
+            raise ValueError(f"{path}: 'data' {data.shape}, 'label' {label.shape}, 'pid' {pid.shape} do not match: "
+                             "expected (B, points, 3), (B, 1) and (B, points)")
+        if not np.isfinite(data).all():
+            raise ValueError(f"{path} holds NaN or infinite coordinates: re-download or repair it")
+        if label.size and (label.min() < 0 or label.max() >= len(SHAPENETPART_PARTS)):
+            raise ValueError(f"{path} has category {int(label.max())}: ShapeNetPart's categories are 0..15")
+        cats = np.where((pid >= 0) & (pid < len(owner)), owner[pid.clip(0, len(owner) - 1)], -1)
+        bad = np.argwhere(cats != label[:, None])
+        if len(bad):
+            b, i = bad[0]
+            raise ValueError(f"{path}: cloud {b} of category {label[b]} has part id {pid[b, i]}, not one of its "
+                             f"parts {SHAPENETPART_PARTS[list(SHAPENETPART_PARTS)[label[b]]]}: is it ShapeNetPart?")
+        if data.shape[1] < points:
+            raise ValueError(f"{path} holds {data.shape[1]} points per cloud, the model asks for {points}: "
+                             f"set the model's seq_len to at most {data.shape[1]}")
+        keep = np.argpartition(rng.random(pid.shape), points - 1, axis=1)[:, :points]
+        xs.append(np.take_along_axis(data[:, :, :3], keep[:, :, None], axis=1))
+        ys.append(np.take_along_axis(pid, keep, axis=1))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+# ----------------------------------------------------------------------------------------------------- ADE20K
+ADE20K_CLASSES = 150
+
+
+def segmentation_pairs(images: Path, annotations: Path) -> tuple[list[Path], list[Path]]:
+    """The images under `images` and their label maps, annotations/<same stem>.png, both sorted by stem; a file
+    of one without its partner in the other is refused."""
+    require_dir(images, "ADE20K's images/<split>/ folder of .jpg images")
+    require_dir(annotations, "ADE20K's annotations/<split>/ folder of .png label maps")
+    found = {p.stem: p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    labels = {p.stem: p for p in annotations.iterdir() if p.suffix.lower() == ".png"}
+    if not found:
+        raise ValueError(f"{images} holds no images ({', '.join(IMAGE_SUFFIXES)}): expected ADE20K's layout")
+    for stem in sorted(found.keys() ^ labels.keys()):
+        have, lack = (found[stem], annotations) if stem in found else (labels[stem], images)
+        raise ValueError(f"{have} has no partner named {stem}.* in {lack}: every image needs a label map of the "
+                         "same name (and back), remove the odd file")
+    stems = sorted(found)
+    return [found[s] for s in stems], [labels[s] for s in stems]
+
+
+def ade20k_classes(root: Path) -> list[str]:
+    """The class names: from objectInfo150.csv (ADEChallengeData2016's table: Idx,Ratio,Train,Val,Name, one row
+    per class in label order) when the folder has it, else ADE20K's 150 classes, unnamed."""
+    table = root / "objectInfo150.csv"
+    if not table.is_file():
+        return [str(i) for i in range(ADE20K_CLASSES)]
+    try:
+        rows = [line.split(",") for line in table.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{table} is not UTF-8 text: it should be ADE20K's class table") from None
+    if not rows:
+        raise ValueError(f"{table} lists no classes: expected a header and one row per class")
+    return [row[-1].strip().split(";")[0] or str(i) for i, row in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------------- bytes

@@ -15,10 +15,20 @@ import numpy as np
 import torch
 
 from bixt.data.datasets import ImageFolderSplit, ShapesSplit, TensorSplit
+from bixt.data.dense import (
+    CATEGORY_PARTS,
+    PART_NAMES,
+    SCENE_CLASSES,
+    PartShapesSplit,
+    SegFolderSplit,
+    SegScenesSplit,
+)
 from bixt.data.listops import MIN_LENGTH as LISTOPS_MIN_LENGTH
 from bixt.data.listops import make_expression
 from bixt.data.readers import (
     PAD_ID,
+    SHAPENETPART_PARTS,
+    ade20k_classes,
     byte_rows,
     check_images,
     cifar_arrays,
@@ -28,6 +38,8 @@ from bixt.data.readers import (
     modelnet_arrays,
     read_batch,
     require_dir,
+    segmentation_pairs,
+    shapenetpart_arrays,
     split_folders,
     text_files,
 )
@@ -210,6 +222,69 @@ def load_textfolder(spec: DataSpec, req: Request) -> Data:
     return Data("textfolder", "sequence", len(classes), 0, train, test, classes, vocab_size=256, pad_id=PAD_ID)
 
 
+PARTSHAPES_OPTIONS = {"points": 1024, "train": 4000, "test": 1000, "seed": 0}
+
+
+def load_partshapes(spec: DataSpec, req: Request) -> Data:
+    opts = {**PARTSHAPES_OPTIONS, "points": req.points or PARTSHAPES_OPTIONS["points"], **spec.options}
+    check_memory(f"partshapes with points={opts['points']}", opts["points"] * CLOUD_BYTES_PER_POINT,
+                 "use fewer points")
+    aug = PointAugment(rotate=True, scale=(0.8, 1.25), anisotropic=True, jitter=0.005) if req.augment else None
+    train = PartShapesSplit(opts["train"], opts["points"], opts["seed"], 0, aug, req.seed) if req.need_train else None
+    return Data("partshapes", "points", len(PART_NAMES), 3, train,
+                PartShapesSplit(opts["test"], opts["points"], opts["seed"], 1), list(PART_NAMES), task="segment",
+                category_parts=CATEGORY_PARTS)
+
+
+SEGSCENES_OPTIONS = {"size": 32, "train": 4000, "test": 1000, "seed": 0}
+SCENE_BYTES_PER_PIXEL = 512  # a scene's masks, textures and coordinates in float64 while drawing it; rounded up
+
+
+def load_segscenes(spec: DataSpec, req: Request) -> Data:
+    # a size option in the spec beats the model's img_size, which beats the default
+    opts = {**SEGSCENES_OPTIONS, "size": req.img_size or SEGSCENES_OPTIONS["size"], **spec.options}
+    check_memory(f"segscenes with size={opts['size']}", SCENE_BYTES_PER_PIXEL * opts["size"] ** 2,
+                 "use a smaller size")
+    train = SegScenesSplit(opts["train"], opts["size"], opts["seed"], 0, req.augment, req.seed) \
+        if req.need_train else None
+    return Data("segscenes", "image", len(SCENE_CLASSES), 3, train,
+                SegScenesSplit(opts["test"], opts["size"], opts["seed"], 1), list(SCENE_CLASSES), task="segment")
+
+
+def load_shapenetpart(spec: DataSpec, req: Request) -> Data:
+    root = require_dir(spec.path, "PointNet's ShapeNetPart HDF5 files (*train*.h5, *val*.h5, *test*.h5)")
+    # *val* files are trained on, as PointNet and its successors do (train + val, tested on test)
+    found = {"train": sorted({*root.glob("*train*.h5"), *root.glob("*val*.h5")}),
+             "test": sorted(root.glob("*test*.h5"))}
+    for split, files in found.items():
+        if not files and (split == "test" or req.need_train):
+            raise FileNotFoundError(f"no *{split}*.h5 files in {root}: expected PointNet's ShapeNetPart HDF5 files "
+                                    "(ply_data_train0.h5 ..., ply_data_val0.h5, ply_data_test0.h5 ...)")
+    n = req.points or 2048
+    aug = PointAugment(scale=(2 / 3, 3 / 2), anisotropic=True, translate=0.2) if req.augment else None
+    train = TensorSplit(*shapenetpart_arrays(found["train"], n, 0), aug, None, req.seed) if req.need_train else None
+    names = [f"{c.lower()}_{i}" for c, parts in SHAPENETPART_PARTS.items() for i in range(len(parts))]
+    return Data("shapenetpart", "points", len(names), 3, train, TensorSplit(*shapenetpart_arrays(found["test"], n, 1)),
+                names, task="segment", category_parts=tuple(SHAPENETPART_PARTS.values()))
+
+
+def load_ade20k(spec: DataSpec, req: Request) -> Data:
+    root = require_dir(spec.path, "ADE20K (ADEChallengeData2016/ or its parent, with images/ and annotations/)")
+    root = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+    size = req.img_size or 512
+    check_memory(f"one image at img_size={size}", 64 * size * size, "use a model with a smaller img_size")
+    classes, workers = ade20k_classes(root), min(8, _cpus())
+
+    def split(name: str, train: bool) -> SegFolderSplit:
+        images, labels = segmentation_pairs(root / "images" / name, root / "annotations" / name)
+        check_images(images + labels, workers)
+        return SegFolderSplit(images, labels, size, len(classes), -100, train and req.augment, req.seed)
+
+    train = split("training", True) if req.need_train else None
+    return Data("ade20k", "image", len(classes), 3, train, split("validation", False), classes, workers=workers,
+                task="segment", ignore_index=-100)
+
+
 def _cpus() -> int:
     # the CPUs this process may run on (a container or taskset may allow fewer than the machine has)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -244,6 +319,13 @@ TABLE: dict[str, Source] = {
     "listops": Source(load_listops, ("bixt_bytes", {}), options=LISTOPS_OPTIONS,
                       least={"seed": 0, "length": LISTOPS_MIN_LENGTH}, most={"depth": LISTOPS_MAX_DEPTH}),
     "textfolder": Source(load_textfolder, ("bixt_ti_l64_text", {}), path=True),
+    # dense kinds: build_model reads dense_classes from Data.input_overrides (task "segment")
+    "partshapes": Source(load_partshapes, ("bixt_shapes", {}), options=PARTSHAPES_OPTIONS, least={"seed": 0}),
+    # 4x4 patches, no overlap: 64 tokens of a 32-pixel scene, small enough for CPU
+    "segscenes": Source(load_segscenes, ("bixt_digits", {"img_size": 32, "in_chans": 3, "patch_size": 4, "stride": 4}),
+                        options=SEGSCENES_OPTIONS, least={"seed": 0}),
+    "shapenetpart": Source(load_shapenetpart, ("bixt_ti_l64_points", {"seq_len": 2048}), path=True),
+    "ade20k": Source(load_ade20k, ("bixt_ti_l64_p16s8", {"img_size": 512}), path=True),
 }
 SPECS = tuple(source.usage(kind) for kind, source in TABLE.items())
 DEFAULT_MODELS = {kind: source.default_model for kind, source in TABLE.items()}

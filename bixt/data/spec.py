@@ -4,6 +4,8 @@ A kind's spec takes one of three forms, which its row declares: the bare kind (`
 (`cifar10:PATH`), or the kind and integer options with defaults (`shapes:points=4096`). The row both parses the
 argument and writes the kind's usage line, so the two cannot drift apart.
 
+`category_of` tells a part-segmentation sample's object category from its labels.
+
 Also the limits every loader checks before allocating (a spec's numbers, the sizes a model asks for, memory), and
 `check_same_classes`, which tells whether two data sets' labels mean the same classes.
 """
@@ -16,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 MAX_OPTION = 2**31 - 1  # a count or size beyond this is a typo, not a data set (and overflows int32 indexing)
@@ -48,10 +52,21 @@ class Data:
     workers: int = 0  # DataLoader workers worth using (decoding files); in-memory sets need none
     vocab_size: int = 0  # sequences of ids: how many there are
     pad_id: int | None = None  # sequences of ids: the id that pads them, to be passed to the model as a mask
+    # Dense prediction (task "segment"): a sample is (x, y) with one label per point, y (N,), or per pixel, y (H, W),
+    # int64; num_classes and classes are the part / semantic classes. Labels equal to ignore_index (void pixels,
+    # padding points) are never trained on or counted.
+    task: str = "classify"  # classify | segment
+    ignore_index: int = -100  # torch's cross_entropy default, so the loss can take it as it is
+    # part segmentation: for each object category the global part ids it owns (each part in exactly one category);
+    # a sample's category is the one owning its labels (category_of), so samples need no third element
+    category_parts: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def input_overrides(self) -> dict:
         ids = {"vocab_size": self.vocab_size} if self.vocab_size else {}
+        if self.task == "segment":
+            # a dense-only model (no classification head): model(x) gives per-token logits (B, tokens, classes)
+            return {"num_classes": 0, "dense_classes": self.num_classes, "in_chans": self.in_chans, **ids}
         return {"num_classes": self.num_classes, "in_chans": self.in_chans, **ids}
 
 
@@ -162,3 +177,38 @@ def check_same_classes(expected: Sequence[str], found: Sequence[str]) -> None:
         if want != got:
             raise ValueError(f"the data's class {i} is {got!r} but the model's class {i} is {want!r}: evaluate on "
                              "data with the class folders (names) the model was trained on")
+
+
+# ----------------------------------------------------------------------------------------------------- dense
+def check_category_parts(category_parts: Sequence[Sequence[int]], num_classes: int) -> None:
+    """Every part id 0..num_classes-1 belongs to exactly one category: otherwise a sample's category is ambiguous."""
+    owners = [0] * num_classes
+    for parts in category_parts:
+        for p in parts:
+            if not 0 <= p < num_classes:
+                raise ValueError(f"category_parts names part {p}, outside 0..{num_classes - 1}: fix the table")
+            owners[p] += 1
+    wrong = [p for p, n in enumerate(owners) if n != 1]
+    if wrong:
+        raise ValueError(f"part {wrong[0]} belongs to {owners[wrong[0]]} categories in category_parts: give every "
+                         "part exactly one category")
+
+
+def part_owner(category_parts: Sequence[Sequence[int]]) -> Tensor:
+    """(parts,) int64: the category owning each part id."""
+    owner = torch.full((1 + max(p for parts in category_parts for p in parts),), -1, dtype=torch.long)
+    for c, parts in enumerate(category_parts):
+        owner[list(parts)] = c
+    return owner
+
+
+def category_of(labels: Tensor, category_parts: Sequence[Sequence[int]], ignore_index: int = -100) -> Tensor:
+    """The object category of part-labelled samples: labels (..., N) -> (...) int64, the category owning the first
+    non-void label of each sample; -1 for a sample whose labels are all void (it has no category to score)."""
+    labels = torch.as_tensor(labels)
+    owner = part_owner(category_parts).to(labels.device)
+    valid = labels != ignore_index
+    first = valid.long().argmax(-1, keepdim=True)  # the first non-void label (0 where there is none)
+    label = labels.gather(-1, first).squeeze(-1)
+    cat = owner[label.clamp(0, len(owner) - 1)]
+    return torch.where(valid.any(-1) & (label >= 0) & (label < len(owner)), cat, torch.full_like(cat, -1))

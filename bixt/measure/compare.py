@@ -148,13 +148,13 @@ def _atomic_write(path: Path, text: str) -> None:
 class ResultsWriter:
     """results.csv and results.json hold every finished row after each `add`, whenever the sweep stops."""
 
-    def __init__(self, out: Path):
-        self.out, self.rows = out, []
+    def __init__(self, out: Path, columns: tuple[str, ...] = COLUMNS):
+        self.out, self.columns, self.rows = out, columns, []
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         _atomic_write(self.out / "results.json", json.dumps(self.rows, indent=1) + "\n")
-        _atomic_write(self.out / "results.csv", rows_to_csv(self.rows, COLUMNS))
+        _atomic_write(self.out / "results.csv", rows_to_csv(self.rows, self.columns))
 
 
 def rows_to_csv(rows: list[dict], columns: tuple[str, ...]) -> str:

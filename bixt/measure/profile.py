@@ -344,17 +344,26 @@ def failure(status: str, message: str) -> dict:
     return {"status": status, "message": message}
 
 
+def fresh_python(module: str, payload: str) -> list[str]:
+    """The command line of a worker: `python -m module payload` with this interpreter."""
+    return [sys.executable, "-m", module, payload]
+
+
+def fresh_env() -> dict[str, str]:
+    """The environment of a worker: this checkout first on the path, so that it imports this very bixt."""
+    root = str(Path(__file__).resolve().parents[2])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+
+
 def measure(setup: Setup, mode: str, plan: Plan = DEFAULT_PLAN, timeout: float | None = None) -> dict:
     """Run one mode (infer | train) of a setup in a fresh Python process; its result dict, never raising for
     OOM or errors inside the run (status oom / error with the message)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
     payload = json.dumps({"setup": dataclasses.asdict(setup), "mode": mode, "plan": dataclasses.asdict(plan)})
-    root = str(Path(__file__).resolve().parents[2])  # the checkout, so the worker imports this very bixt
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     try:
-        proc = subprocess.run([sys.executable, "-m", "bixt.measure.profile", payload], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        proc = subprocess.run(fresh_python("bixt.measure.profile", payload), capture_output=True, text=True,
+                              timeout=timeout, env=fresh_env())
     except subprocess.TimeoutExpired:
         return failure("error", f"{mode}: timed out after {timeout:.0f} s")
     lines = proc.stdout.strip().splitlines()

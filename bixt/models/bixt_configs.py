@@ -64,6 +64,8 @@ class BiXTConfig(ModelConfig):
 _FT384 = {"img_size": 384, "pos_buffer": False}
 _ED256 = {"dim": 256, "heads": 8}
 _CONV = {"tokenizer": "conv"}
+CPU_MATCHED = {"img_size": 28, "in_chans": 1, "patch_size": 8, "stride": 4, "num_latents": 16, "dim": 64, "depth": 4,
+               "heads": 2, "num_classes": 10}
 MODEL_TABLE: dict[str, dict] = {
     "bixt_ti_l64_p16": {},
     "bixt_ti_l64_p16s8": {"stride": 8},
@@ -104,6 +106,10 @@ MODEL_TABLE: dict[str, dict] = {
     # ... and byte sequences (`listops`, `textfolder:PATH`): ids 0-255, 512 bytes by default.
     "bixt_bytes": {"modality": "sequence", "in_chans": 0, "vocab_size": 256, "seq_len": 512, "num_latents": 32,
                    "dim": 64, "depth": 4, "heads": 2, "num_classes": 10},
+    # The matched CPU-sized set of the training comparison (`bixt compare --data`): 28 px single-channel images
+    # (Fashion-MNIST) as 49 overlapping 8x8 patches every 4 pixels, width 64, 4 layers of 2 heads, 16 latents.
+    # bixt_cpu_sequential / _iterative (family bixt-ablation), perceiver_cpu and vit_cpu share every one of these.
+    "bixt_cpu": {**CPU_MATCHED},
 }
 CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in MODEL_TABLE.items()}
 
@@ -114,5 +120,7 @@ CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in MODEL
 ABLATION_TABLE: dict[str, dict] = {
     "bixt_ti_sequential": {"cross_attention": "sequential"},
     "bixt_ti_iterative": {"cross_attention": "iterative"},
+    "bixt_cpu_sequential": {**CPU_MATCHED, "cross_attention": "sequential"},
+    "bixt_cpu_iterative": {**CPU_MATCHED, "cross_attention": "iterative"},
 }
 ABLATION_CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in ABLATION_TABLE.items()}

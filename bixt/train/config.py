@@ -33,6 +33,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in the backward: less memory, same numbers
     shard_tokens: int = 1  # processes sharing each sample's tokens (torchrun; bixt.nn.sharding)
     augment: bool = True
+    train_samples: int | None = None  # a fixed subset of the training split (the same for every seed); None: all
+    test_samples: int | None = None  # likewise of the test split
     device: str | None = None  # cpu | cuda; None: cuda when available
     seed: int = 0
     workers: int | None = None  # DataLoader workers; None: what the data needs (0 for in-memory sets)
@@ -50,7 +52,9 @@ class TrainConfig:
                   (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 (or null for none)"),
                   (self.seed >= 0, "--seed must be >= 0"),
                   (self.shard_tokens >= 1, "--shard-tokens must be >= 1"),
-                  (self.workers is None or self.workers >= 0, "workers must be >= 0")]
+                  (self.workers is None or self.workers >= 0, "workers must be >= 0"),
+                  (self.train_samples is None or self.train_samples >= 1, "--train-samples must be >= 1"),
+                  (self.test_samples is None or self.test_samples >= 1, "--test-samples must be >= 1")]
         for ok, message in checks:
             if not ok:
                 name = message.split()[0].lstrip("-").replace("-", "_")

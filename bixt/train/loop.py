@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bixt.data import Data, parse_spec
+from bixt.data import Data, parse_spec, take
 from bixt.train import distributed as dist_
 from bixt.train import rundir
 from bixt.train.build import build_for_data, build_model, resolve_model
@@ -128,6 +128,8 @@ def _fit(cfg: TrainConfig, d: Dist) -> tuple[TrainConfig, object, Data, int]:
                          f"use a multiple of {d.data_world}")
     name, model_args = resolve_model(cfg)
     mcfg, data, model_args = build_for_data(name, model_args, cfg.data, seed=cfg.seed, augment=cfg.augment)
+    data = dataclasses.replace(data, train=take(data.train, cfg.train_samples, "train"),
+                               test=take(data.test, cfg.test_samples, "test"))
     steps = steps_per_epoch(len(data.train), cfg.batch_size, d)
     if steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training samples: "
