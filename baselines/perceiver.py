@@ -13,6 +13,7 @@ patches) with Fourier features of their position concatenated; points and sequen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -23,7 +24,7 @@ from bixt.models.base import LatentModel, jax_init_
 from bixt.models.blocks import CrossBlock, LatentBlock
 from bixt.models.config import ModelConfig
 from bixt.models.registry import register_family
-from bixt.nn.layers import check_padding_mask, drop_path_rates
+from bixt.nn.layers import check_padding_mask, drop_path_rates, layer_norm
 from bixt.nn.posenc import fourier_features
 from bixt.nn.tokenizers import ImageTokenizer, build_tokenizer, check_image, check_patch_geometry
 
@@ -57,8 +58,6 @@ class PerceiverConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.dense_classes:
-            raise ValueError(NO_TOKENS)
         if self.attn_dim % self.cross_heads:
             raise ValueError(f"cross-attention dim {self.attn_dim} is not divisible by cross_heads="
                              f"{self.cross_heads}: set attn_dim or cross_heads so that it is")
@@ -112,14 +111,25 @@ class FourierConcatTokenizer(nn.Module):
 
 
 NO_TOKENS = ("Perceiver has no token stream: its latents read the input tokens but never update them, so there are "
-             "no per-token outputs; use a BiXT or ViT model for dense predictions")
+             "no per-token outputs; create it with dense_classes=K for a Perceiver IO decoder, or use BiXT or ViT")
+
+
+def decoder_view(cfg: PerceiverConfig) -> SimpleNamespace:
+    """The widths of the Perceiver IO decoder's cross block (bixt.models.blocks.CrossBlock, one-sided): its
+    "latents" are the per-token queries (dim wide) and its "tokens" the latent array they read."""
+    fields = ("dim", "heads", "mlp_ratio", "qkv_bias", "layerscale", "drop_rate", "attn_drop_rate", "attn_backend",
+              "cross_heads", "num_latents")
+    return SimpleNamespace(**{f: getattr(cfg, f) for f in fields}, token_dim=cfg.dim, attn_dim=cfg.dim,
+                           cross_attention="iterative")
 
 
 class Perceiver(LatentModel):
     """Perceiver: latents read the (never updated) input tokens again and again.
 
-    model(x) -> logits (B, num_classes); forward_features(x) -> latents (B, M, dim). There are no per-token outputs:
-    forward_dense raises.
+    model(x) -> logits (B, num_classes); forward_features(x) -> latents (B, M, dim). The tokens are never updated, so
+    per-token outputs need a decoder: with dense_classes=K, Perceiver IO's (one query per input token, made from its
+    position features, cross-attends to the final latents; then a per-token Linear head), whose cost grows with
+    the tokens like BiXT's token stream and shows in the GMACs.
     """
 
     no_dense = NO_TOKENS
@@ -137,7 +147,33 @@ class Perceiver(LatentModel):
         self.cross = nn.ModuleList(CrossBlock(cfg, 0.0, one_sided=True) for _ in range(n_cross))
         self.latent = nn.ModuleList(LatentBlock(cfg, rate) for rate in drop_path_rates(cfg.drop_path_rate, n_latent))
         self.build_head()
+        if cfg.dense_classes:
+            self.query_proj = nn.Linear(self.query_dim, cfg.dim)
+            self.decoder = CrossBlock(decoder_view(cfg), 0.0, one_sided=True)
+            self.dense_norm = layer_norm(cfg.dim)
+            self.dense_head = nn.Linear(cfg.dim, cfg.dense_classes)
         self.init_weights()
+
+    @property
+    def query_dim(self) -> int:
+        """Width of a decoder query's features: an image token's grid position (its Fourier features); a point's or
+        a sequence element's embedding, which BiXT's tokenizers make from its coordinates or position and id."""
+        return 2 * (2 * self.cfg.fourier_bands + 1) if self.cfg.modality == "image" else self.cfg.dim
+
+    def query_features(self, x: Tensor, tok: Tensor) -> Tensor:
+        if self.cfg.modality != "image":
+            return tok
+        s = self.cfg.stride
+        pos = fourier_grid_concat(x.shape[-2] // s, x.shape[-1] // s, self.cfg.fourier_bands, self.cfg.max_freq,
+                                  x.device)
+        return pos.to(tok.dtype).expand(x.shape[0], -1, -1)
+
+    def token_features(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Perceiver IO: one query per input token reads the final latents."""
+        tok = self.tokenizer(x)
+        lat = self.read(tok, padding_mask)
+        out, _ = self.run_layer(self.decoder, self.query_proj(self.query_features(x, tok)), lat, None)
+        return self.dense_norm(out)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -154,7 +190,10 @@ class Perceiver(LatentModel):
     def forward_features(self, x: Tensor, padding_mask: Tensor | None = None, return_tokens: bool = False) -> Tensor:
         if return_tokens:
             raise ValueError(NO_TOKENS)
-        tok = self.tokenizer(x)
+        return self.read(self.tokenizer(x), padding_mask)
+
+    def read(self, tok: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The latents after every repeat of reading the (never updated) input tokens."""
         check_padding_mask(padding_mask, tok.shape[:2], need_a_token=True)
         lat = self.latents.expand(tok.shape[0], -1, -1)
         for cross, latent in self.schedule():
@@ -181,6 +220,10 @@ PERCEIVER_TABLE: dict[str, dict] = {
     "perceiver_cpu": {**_TI, "img_size": 28, "in_chans": 1, "patch_size": 8, "stride": 4, "fourier_bands": 8,
                       "max_freq": 7.0, "num_latents": 16, "dim": 64, "attn_dim": 64, "cross_heads": 2, "heads": 2,
                       "num_blocks": 4, "self_per_block": 1, "num_classes": 10},
+    # ... and bixt_shapes' (point clouds): BiXT's point tokenizer, 32 latents.
+    "perceiver_shapes": {**_TI, "modality": "points", "in_chans": 3, "seq_len": 1024, "fourier_bands": 16,
+                         "max_freq": 32.0, "num_latents": 32, "dim": 64, "attn_dim": 64, "cross_heads": 2, "heads": 2,
+                         "num_blocks": 4, "self_per_block": 1, "num_classes": 10},
 }
 CONFIGS: dict[str, PerceiverConfig] = {name: PerceiverConfig(**row) for name, row in PERCEIVER_TABLE.items()}
 register_family("perceiver", CONFIGS, Perceiver)

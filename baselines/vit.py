@@ -163,6 +163,9 @@ VIT_TABLE: dict[str, dict] = {
     # bixt_cpu's sizes (the training comparison's matched set): the same 49 patches, all attending to each other.
     "vit_cpu": {"img_size": 28, "in_chans": 1, "patch_size": 8, "stride": 4, "dim": 64, "depth": 4, "heads": 2,
                 "num_classes": 10},
+    # ... and bixt_shapes' (point clouds): every point attends to every other.
+    "vit_shapes": {"modality": "points", "in_chans": 3, "seq_len": 1024, "dim": 64, "depth": 4, "heads": 2,
+                   "num_classes": 10},
 }
 CONFIGS: dict[str, ViTConfig] = {name: ViTConfig(**row) for name, row in VIT_TABLE.items()}
 register_family("vit", CONFIGS, ViT, checkpoint_filter=checkpoint_filter_fn)

@@ -4,10 +4,11 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bixt_cli.app import console, parse_model_args
+from bixt_cli.app import console, err_console, parse_model_args
 from bixt_cli.measure import _fmt, _table, split_list
 
 SUMMARY = ["model", "setting", "tokens", "seeds", "acc", "accs", "params", "gmacs", "train_samples_per_s", "train_s",
@@ -20,6 +21,7 @@ def study_from_options(data: str, models: str | None, baselines: str | None, bat
                        lr: float | None, warmup_epochs: float | None, config: Path | None,
                        model_arg: list[str] | None):
     """The Study the options describe: a config file's recipe, then --quick's, then the options given."""
+    from bixt.data import build_data
     from bixt.study import accuracy as acc
     from bixt.train import read_config_file
 
@@ -40,8 +42,9 @@ def study_from_options(data: str, models: str | None, baselines: str | None, bat
         raise ValueError(f"--train-seconds must be positive and finite, got {train_seconds}: pass the seconds each "
                          "run may train")
     n_seeds = seeds if seeds is not None else (acc.QUICK["seeds"] if quick else 3)
-    return acc.Study(data, acc.resolve_models(split_list(models), split_list(baselines)), acc.parse_vary(vary),
-                     tuple(range(n_seeds)), recipe, train_seconds)
+    modality = build_data(data, need_train=False, augment=False).modality  # which matched models the families mean
+    return acc.Study(data, acc.resolve_models(split_list(models), split_list(baselines), modality),
+                     acc.parse_vary(vary), tuple(range(n_seeds)), recipe, train_seconds)
 
 
 def compare_training(data: str, models: str | None, baselines: str | None, batch_size: int | None, out: Path | None,
@@ -78,13 +81,27 @@ def compare_training(data: str, models: str | None, baselines: str | None, batch
                               f"test {acc_text}  {_fmt(row.get('train_s'))} s  {row.get('message') or ''}",
                               highlight=False, markup=False)
 
-        rows = acc.run_study(study, out, on_start=on_start, on_epoch=lambda n: bar.update(epoch, completed=n),
-                             on_row=on_row)
+        try:
+            rows = acc.run_study(study, out, on_start=on_start, on_epoch=lambda n: bar.update(epoch, completed=n),
+                                 on_row=on_row)
+        except KeyboardInterrupt:  # the finished runs are in results.*, the one under way in its checkpoint
+            bar.stop()
+            err_console.print(f"stopped: the finished runs are kept in {out / 'results.csv'}; the same command "
+                              "continues the study", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     table = acc.summarize(rows)
+    dense = any("miou_mean" in row for row in table)
     for row in table:
-        std = "" if row["acc_std"] is None else f" +- {100 * row['acc_std']:.2f}"
-        row["acc"] = f"{100 * row['acc_mean']:.2f}{std}"
-    console.print(_table("test top-1 % (mean +- unbiased std over seeds; each seed's in accs)", table, SUMMARY))
+        for name in ("acc", "miou", "instance_miou"):
+            if f"{name}_mean" in row:
+                std = "" if row[f"{name}_std"] is None else f" +- {100 * row[f'{name}_std']:.2f}"
+                row[name] = f"{100 * row[f'{name}_mean']:.2f}{std}"
+    columns = [c for c in SUMMARY if c != "accs"] if dense else SUMMARY
+    if dense:
+        columns[columns.index("acc"):columns.index("acc")] = ["miou", "instance_miou"]
+    title = ("test mIoU and per-token accuracy %" if dense else "test top-1 %") + \
+        " (mean +- unbiased std over seeds" + ("" if dense else "; each seed's in accs") + ")"
+    console.print(_table(title, table, columns))
     console.print("gmacs: the architecture's count per sample; train_s: training time per run, evaluation included; "
                   "peak_mem_mib: the run's process (RSS on a CPU).")
     console.print(f"written to {out}: study.json, results.csv, results.json, summary.csv, {', '.join(PLOTS)}, runs/",

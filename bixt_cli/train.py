@@ -84,10 +84,18 @@ def train_command(
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     last = result.last
-    for key, value in [("epochs", result.epochs_done), ("parameters", f"{result.params:,}"),
-                       ("best test acc", f"{100 * result.best_acc:.2f} % (epoch {result.best_epoch})"),
-                       ("final test acc", f"{100 * last['test_acc']:.2f} %"),
-                       ("final test top-5", f"{100 * last['test_top5']:.2f} %"),
+    dense = last.get("test_miou") is not None
+    if dense:  # per-token accuracy and mIoU; the best epoch is the best mIoU
+        scores = [("best test mIoU", f"{100 * result.best_acc:.2f} % (epoch {result.best_epoch})"),
+                  ("final test mIoU", f"{100 * last['test_miou']:.2f} %")]
+        if last.get("test_instance_miou") is not None:
+            scores.append(("final instance mIoU", f"{100 * last['test_instance_miou']:.2f} %"))
+        scores.append(("final test acc (tokens)", f"{100 * last['test_acc']:.2f} %"))
+    else:
+        scores = [("best test acc", f"{100 * result.best_acc:.2f} % (epoch {result.best_epoch})"),
+                  ("final test acc", f"{100 * last['test_acc']:.2f} %"),
+                  ("final test top-5", f"{100 * last['test_top5']:.2f} %")]
+    for key, value in [("epochs", result.epochs_done), ("parameters", f"{result.params:,}"), *scores,
                        ("final test loss", f"{last['test_loss']:.4f}"),
                        ("final train acc", f"{100 * last['train_acc']:.2f} %"),
                        ("time", f"{result.seconds:.1f} s"), ("train samples/s", f"{result.samples_per_s:,.0f}"),
@@ -111,7 +119,8 @@ def eval_command(
                                                             "CUDA without bf16)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
 ):
-    """Top-1, top-5, loss and samples/s of a checkpoint on the test (val) split."""
+    """Top-1, top-5, loss and samples/s of a checkpoint on the test (val) split (dense tasks: mIoU, per-token
+    accuracy and, for part segmentation, the instance mIoU)."""
     from bixt.train.eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, model, data, batch_size=batch_size, device=device, workers=workers,
@@ -122,8 +131,15 @@ def eval_command(
         return
     table = Table(title=escape(f"{result['model']} on {result['data']}"), caption=escape(result["checkpoint"]),
                   header_style="bold")  # data spec and path are the user's: printed literally
-    for col in ("top-1", "top-5", "loss", "samples", "samples/s"):
+    if result.get("miou") is not None:  # a dense task
+        scores = {"mIoU": result["miou"], "instance mIoU": result.get("instance_miou"),
+                  "category mIoU": result.get("class_miou"), "acc (tokens)": result["top1"]}
+    else:
+        scores = {"top-1": result["top1"], "top-5": result["top5"]}
+    scores = {k: f"{100 * v:.2f} %" for k, v in scores.items() if v is not None}
+    cells = {**scores, "loss": f"{result['loss']:.4f}", "samples": f"{result['samples']:,}",
+             "samples/s": f"{result['samples_per_s']:,.0f}"}
+    for col in cells:
         table.add_column(col, justify="right")
-    table.add_row(f"{100 * result['top1']:.2f} %", f"{100 * result['top5']:.2f} %", f"{result['loss']:.4f}",
-                  f"{result['samples']:,}", f"{result['samples_per_s']:,.0f}")
+    table.add_row(*cells.values())
     console.print(table)

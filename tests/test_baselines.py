@@ -143,6 +143,8 @@ def test_dense_outputs_where_there_is_a_token_stream():
     assert vit.forward_dense(torch.rand(2, 17, 6)).shape == (2, 17, 4)
     seq = tiny("bixt_ti_sequential", "points", dense_classes=4)
     assert seq.forward_dense(torch.rand(2, 17, 6)).shape == (2, 17, 4)
+    io = tiny("perceiver_ti", "points", dense_classes=4)  # Perceiver IO: one query per token reads the latents
+    assert io.forward_dense(torch.rand(2, 17, 6)).shape == (2, 17, 4)
     perceiver = tiny("perceiver_ti", "points")
     for call in (lambda: perceiver.forward_dense(torch.rand(2, 17, 6)),
                  lambda: perceiver.forward_features(torch.rand(2, 17, 6), return_tokens=True)):
@@ -218,7 +220,9 @@ def test_vit_ti_takes_16384_tokens():
 
 def test_every_family_is_in_the_one_registry():
     assert {"bixt", "bixt-ablation", "vit", "perceiver"} <= set(families())
-    assert list_models(family="bixt-ablation") == ["bixt_ti_iterative", "bixt_ti_sequential"]
+    assert list_models(family="bixt-ablation") == ["bixt_cpu_iterative", "bixt_cpu_sequential",
+                                                   "bixt_shapes_iterative", "bixt_shapes_sequential",
+                                                   "bixt_ti_iterative", "bixt_ti_sequential"]
     assert {"vit_ti_p16", "vit_s_p16"} <= set(list_models(family="vit"))
     assert {"perceiver_ti", "perceiver_imagenet"} <= set(list_models(family="perceiver"))
     assert create_model("bixt_ti_sequential", depth=2).cfg.cross_attention == "sequential"

@@ -102,7 +102,9 @@ def test_bixt_backends_differ_by_one_similarity_per_two_sided_layer():
 CASES = [("bixt_ti_l64_p16", {}), ("bixt_ti_l64_p16s8", {}), ("bixt_ti_l64_points", {}), ("bixt_ti_l64_text", {}),
          ("bixt_ti_l64_p16", {"dense_classes": 3, "num_classes": 0}), ("bixt_ti_sequential", {}),
          ("bixt_ti_iterative", {}), ("vit_ti_p16", {}), ("vit_ti_text", {}), ("perceiver_ti", {}),
-         ("perceiver_ti_points", {})]
+         ("perceiver_ti_points", {}), ("vit_ti_p16", {"dense_classes": 3, "num_classes": 0}),
+         ("perceiver_ti", {"dense_classes": 3, "num_classes": 0}),
+         ("perceiver_ti_points", {"dense_classes": 3, "num_classes": 0})]
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])

@@ -52,14 +52,15 @@ from bixt.data.listops import MIN_LENGTH as LISTOPS_MIN_LENGTH
 from bixt.data.listops import make_expression
 from bixt.data.readers import IMAGE_SUFFIXES, PAD_ID, SHAPENETPART_PARTS, DataFileError
 from bixt.data.shapes import SHAPES, make_shape, random_rotation
-from bixt.data.sources import DEFAULT_MODELS, SPECS, TABLE, build_data, parse_spec
+from bixt.data.sources import DEFAULT_MODELS, DEFAULT_RECIPES, SPECS, TABLE, build_data, parse_spec
 from bixt.data.spec import Data, DataSpec, Request, Source, category_of, check_category_parts, check_same_classes
 from bixt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageAugment, Normalize, PointAugment, sample_rng
 
 __all__ = [
     "CATEGORY_PARTS", "PART_CATEGORIES", "PART_NAMES", "SCENE_CLASSES", "SHAPENETPART_PARTS", "PartShapesSplit",
     "SegFolderSplit", "SegScenesSplit", "category_of", "check_category_parts", "make_part_shape", "make_scene",
-    "CROP_PCT", "DEFAULT_MODELS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "LISTOPS_MIN_LENGTH", "PAD_ID",
+    "CROP_PCT", "DEFAULT_MODELS", "DEFAULT_RECIPES", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES",
+    "LISTOPS_MIN_LENGTH", "PAD_ID",
     "SHAPES", "SPECS", "TABLE", "Data", "DataFileError", "DataSpec", "ImageAugment", "ImageFolderSplit", "Normalize",
     "PointAugment", "Request", "ShapesSplit", "Source", "SubsetSplit", "TensorSplit", "build_data",
     "check_same_classes", "make_expression", "make_shape", "parse_spec", "random_rotation", "sample_rng", "take",

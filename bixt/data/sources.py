@@ -320,15 +320,18 @@ TABLE: dict[str, Source] = {
                       least={"seed": 0, "length": LISTOPS_MIN_LENGTH}, most={"depth": LISTOPS_MAX_DEPTH}),
     "textfolder": Source(load_textfolder, ("bixt_ti_l64_text", {}), path=True),
     # dense kinds: build_model reads dense_classes from Data.input_overrides (task "segment")
-    "partshapes": Source(load_partshapes, ("bixt_shapes", {}), options=PARTSHAPES_OPTIONS, least={"seed": 0}),
+    # 256 points and 10 epochs: a few minutes on 2 cores with the defaults
+    "partshapes": Source(load_partshapes, ("bixt_shapes", {"seq_len": 256}), recipe={"epochs": 10},
+                         options=PARTSHAPES_OPTIONS, least={"seed": 0}),
     # 4x4 patches, no overlap: 64 tokens of a 32-pixel scene, small enough for CPU
     "segscenes": Source(load_segscenes, ("bixt_digits", {"img_size": 32, "in_chans": 3, "patch_size": 4, "stride": 4}),
-                        options=SEGSCENES_OPTIONS, least={"seed": 0}),
+                        recipe={"epochs": 15}, options=SEGSCENES_OPTIONS, least={"seed": 0}),
     "shapenetpart": Source(load_shapenetpart, ("bixt_ti_l64_points", {"seq_len": 2048}), path=True),
     "ade20k": Source(load_ade20k, ("bixt_ti_l64_p16s8", {"img_size": 512}), path=True),
 }
 SPECS = tuple(source.usage(kind) for kind, source in TABLE.items())
 DEFAULT_MODELS = {kind: source.default_model for kind, source in TABLE.items()}
+DEFAULT_RECIPES = {kind: dict(source.recipe) for kind, source in TABLE.items()}
 
 
 def parse_spec(spec: str) -> DataSpec:

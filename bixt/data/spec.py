@@ -85,11 +85,14 @@ class Request:
 @dataclass(frozen=True)
 class Source:
     """One data kind: `load(spec, request) -> Data`, the model it trains when --model is not given (name,
-    overrides of its config), and the argument its spec takes: `path`, or `options` (their defaults; each at
-    least its `least` entry, else 1, and at most its `most` entry, else MAX_OPTION), or neither."""
+    overrides of its config), the training options it defaults (`recipe`), and the argument its spec takes:
+    `path`, or `options` (their defaults; each at least its `least` entry, else 1, and at most its `most` entry,
+    else MAX_OPTION), or neither."""
 
     load: Callable[[DataSpec, Request], Data]
     default_model: tuple[str, dict]
+    # training defaults of this kind, under any option given (e.g. fewer epochs where an epoch is long on a CPU)
+    recipe: Mapping[str, object] = field(default_factory=dict)
     path: bool = False
     options: Mapping[str, int] = field(default_factory=dict)
     least: Mapping[str, int] = field(default_factory=dict)

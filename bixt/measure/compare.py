@@ -50,7 +50,8 @@ from bixt.models.registry import families, get_entry, list_models
 DEFAULT_MODEL = "bixt_ti_l64_p16"
 DEFAULT_SEQ_LENS = (256, 1024, 4096, 16384)
 # The model a family stands for in a comparison (a family not listed here stands for all its models).
-FAMILY_DEFAULTS = {"bixt": ("bixt_ti_l64_p16",), "vit": ("vit_ti_p16",), "perceiver": ("perceiver_ti",)}
+FAMILY_DEFAULTS = {"bixt": ("bixt_ti_l64_p16",), "bixt-ablation": ("bixt_ti_iterative", "bixt_ti_sequential"),
+                   "vit": ("vit_ti_p16",), "perceiver": ("perceiver_ti",)}
 # Published GMACs (fvcore, batch 1, default input) and parameter counts: BiXT paper / authors' code, DeiT paper.
 PUBLISHED = {
     "bixt_ti_l64_p16": (1.67, 15_121_192),

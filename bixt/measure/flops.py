@@ -24,6 +24,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 from math import prod
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -264,8 +265,16 @@ def perceiver_macs(cfg, n: int, backend: str) -> tuple[int, int]:
     latent, latent_attn = self_block_macs(cfg.num_latents, cfg.dim, cfg.mlp_ratio)
     reps, spb = cfg.num_blocks, cfg.self_per_block
     tokens = 0 if cfg.modality == "image" else tokenizer_macs(cfg, n, cfg.dim, fourier_proj=False)
-    return (tokens + reps * (cross + spb * latent) + _head(cfg, 1),
-            reps * (cross_attn + spb * latent_attn))
+    total, attn = tokens + reps * (cross + spb * latent), reps * (cross_attn + spb * latent_attn)
+    if cfg.dense_classes and not cfg.num_classes:  # the Perceiver IO decoder instead of the pooled head
+        d = cfg.dim
+        # n queries read the latents: the one-sided cross block with the roles swapped (bixt_baselines' decoder_view)
+        view = SimpleNamespace(num_latents=n, dim=d, token_dim=d, attn_dim=d, mlp_ratio=cfg.mlp_ratio)
+        decoder, decoder_attn = cross_block_macs(view, cfg.num_latents, "one-sided", backend)
+        query = 2 * (2 * cfg.fourier_bands + 1) if cfg.modality == "image" else d
+        return (total + n * query * d + decoder + _ln(n, d) + n * d * cfg.dense_classes,
+                attn + decoder_attn)
+    return total + _head(cfg, 1), attn
 
 
 # Backends that build the similarity matrix once for both directions of BiXT's attention.

@@ -122,5 +122,7 @@ ABLATION_TABLE: dict[str, dict] = {
     "bixt_ti_iterative": {"cross_attention": "iterative"},
     "bixt_cpu_sequential": {**CPU_MATCHED, "cross_attention": "sequential"},
     "bixt_cpu_iterative": {**CPU_MATCHED, "cross_attention": "iterative"},
+    "bixt_shapes_sequential": {**MODEL_TABLE["bixt_shapes"], "cross_attention": "sequential"},
+    "bixt_shapes_iterative": {**MODEL_TABLE["bixt_shapes"], "cross_attention": "iterative"},
 }
 ABLATION_CONFIGS: dict[str, BiXTConfig] = {name: BiXTConfig(**row) for name, row in ABLATION_TABLE.items()}

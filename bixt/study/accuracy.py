@@ -42,20 +42,28 @@ from bixt.measure.profile import QUICK_PLAN, Setup, count, fresh_env, fresh_pyth
 from bixt.models.registry import families, get_entry, list_models
 from bixt.train import TrainConfig, rundir
 from bixt.train.build import build_for_data
+from bixt.train.config import data_recipe
 
-DEFAULT_MODEL = "bixt_cpu"
-# The matched CPU-sized model a family stands for in a training comparison (bixt_configs.CPU_MATCHED): same width,
-# depth, heads, latents and tokens, so that the attention pattern is what differs.
-FAMILY_DEFAULTS = {"bixt": ("bixt_cpu",), "bixt-ablation": ("bixt_cpu_sequential", "bixt_cpu_iterative"),
-                   "vit": ("vit_cpu",), "perceiver": ("perceiver_cpu",)}
+# The matched CPU-sized models a family stands for in a training comparison, per input modality: same width, depth,
+# heads, latents and tokens, so that the attention pattern is what differs (bixt_configs.CPU_MATCHED; points: the
+# sizes of bixt_shapes). The first row's model is the default --models.
+FAMILY_DEFAULTS = {
+    "image": {"bixt": ("bixt_cpu",), "bixt-ablation": ("bixt_cpu_sequential", "bixt_cpu_iterative"),
+              "vit": ("vit_cpu",), "perceiver": ("perceiver_cpu",)},
+    "points": {"bixt": ("bixt_shapes",), "bixt-ablation": ("bixt_shapes_sequential", "bixt_shapes_iterative"),
+               "vit": ("vit_shapes",), "perceiver": ("perceiver_shapes",)},
+}
+DEFAULT_MODEL = FAMILY_DEFAULTS["image"]["bixt"][0]
 # Recipe fields a study sets per run, not per study.
 PER_RUN = ("model", "seed", "out", "model_args", "resume")
 # --quick: minutes on 2 cores, for a first look and the tests.
 QUICK = {"seeds": 2, "epochs": 2, "train_samples": 1024, "test_samples": 256, "warmup_epochs": 0.0}
 COLUMNS = ("model", "family", "setting", "tokens", "seed", "status", "message", "test_acc", "test_top5", "test_loss",
-           "train_acc", "epochs", "params", "gmacs", "train_samples_per_s", "train_s", "wall_s", "peak_mem_mib",
-           "mem_kind", "run")
-SUMMARY_COLUMNS = ("model", "family", "setting", "tokens", "seeds", "acc_mean", "acc_std", "accs", "params", "gmacs",
+           "test_miou", "test_instance_miou", "train_acc", "epochs", "params", "gmacs", "train_samples_per_s",
+           "train_s", "wall_s", "peak_mem_mib", "mem_kind", "run")
+# Dense tasks: acc is per labelled token (point, pixel), and miou (class-mean IoU) is the score the plots show.
+SUMMARY_COLUMNS = ("model", "family", "setting", "tokens", "seeds", "acc_mean", "acc_std", "accs", "miou_mean",
+                   "miou_std", "mious", "instance_miou_mean", "instance_miou_std", "params", "gmacs",
                    "train_samples_per_s", "train_s", "peak_mem_mib", "epochs")
 
 
@@ -77,22 +85,30 @@ class Study:
         """One run's TrainConfig (checked: a bad recipe fails here, before anything runs)."""
         args = {**self.recipe.get("model_args", {}), **setting}
         extra = {} if epochs is None else {"epochs": epochs}
-        return TrainConfig(**{**self.recipe, "model_args": args, "data": self.data, "model": model, "seed": seed,
-                              "out": None if out is None else str(out), **extra})
+        return TrainConfig(**{**data_recipe(self.data), **self.recipe, "model_args": args, "data": self.data,
+                              "model": model, "seed": seed, "out": None if out is None else str(out), **extra})
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "models": list(self.models), "settings": list(self.settings),
                 "seeds": list(self.seeds)}
 
 
-def resolve_models(models: list[str] | None, baselines: list[str] | None) -> tuple[str, ...]:
-    """--models (default bixt_cpu) plus --baselines: a family (its matched CPU-sized model) or a model name."""
-    names = list(models or [DEFAULT_MODEL])
+def resolve_models(models: list[str] | None, baselines: list[str] | None, modality: str = "image"
+                   ) -> tuple[str, ...]:
+    """--models (default: the modality's matched BiXT) plus --baselines: a family (its matched CPU-sized model for
+    the data's modality) or a model name."""
+    matched = FAMILY_DEFAULTS.get(modality, {})
+    if not models and "bixt" not in matched:
+        raise ValueError(f"no matched CPU-sized models for {modality} data: name the models with --models (and the "
+                         "baselines by model name)")
+    names = list(models or matched["bixt"])
     for item in baselines or []:
-        if item in FAMILY_DEFAULTS:
-            names += FAMILY_DEFAULTS[item]
+        if item in matched:
+            names += matched[item]
         elif item in list_models():
             names.append(item)
+        elif item in families():
+            raise ValueError(f"no matched CPU-sized {item} model for {modality} data: name one from `bixt models`")
         else:
             raise ValueError(f"unknown baseline {item!r}: give a family ({', '.join(families())}) or a model name "
                              "from `bixt models`")
@@ -254,6 +270,7 @@ def _worker(payload: dict) -> dict:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process RSS"
     return {"status": "ok" if result.status == "finished" else result.status, "message": "",
             "test_acc": last.get("test_acc"), "test_top5": last.get("test_top5"), "test_loss": last.get("test_loss"),
+            "test_miou": last.get("test_miou"), "test_instance_miou": last.get("test_instance_miou"),
             "train_acc": last.get("train_acc"), "epochs": result.epochs_done,
             "train_samples_per_s": result.samples_per_s, "train_s": result.seconds, "peak_mem_mib": peak,
             "mem_kind": kind}
@@ -334,20 +351,24 @@ def _slug(label: str) -> str:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per model and setting, over the seeds that finished: mean and unbiased std (n - 1) of the test accuracy,
-    each seed's, and the mean costs (peak memory: the largest)."""
+    """Per model and setting, over the seeds that finished: mean and unbiased std (n - 1) of the test accuracy (and
+    of the mIoUs of a dense task), each seed's, and the mean costs (peak memory: the largest)."""
     table = []
     for key in dict.fromkeys((r["model"], r["setting"]) for r in rows):
         ok = [r for r in rows if (r["model"], r["setting"]) == key and r["status"] == "ok"]
         if not ok:
             continue
-        accs = [r["test_acc"] for r in ok]
         first = ok[0]
-        table.append({"model": first["model"], "family": first["family"], "setting": first["setting"],
-                      "tokens": first["tokens"], "seeds": len(ok), "acc_mean": statistics.fmean(accs),
-                      "acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
-                      "accs": " ".join(f"{a:.4f}" for a in accs), "params": first["params"],
-                      "gmacs": first["gmacs"],
+        row = {"model": first["model"], "family": first["family"], "setting": first["setting"],
+               "tokens": first["tokens"], "seeds": len(ok)}
+        for column, name in (("test_acc", "acc"), ("test_miou", "miou"), ("test_instance_miou", "instance_miou")):
+            values = [r.get(column) for r in ok]
+            if None in values:  # classification has no mIoU; part segmentation alone has the instance mIoU
+                continue
+            row.update({f"{name}_mean": statistics.fmean(values),
+                        f"{name}_std": statistics.stdev(values) if len(values) > 1 else None,
+                        f"{name}s": " ".join(f"{v:.4f}" for v in values)})
+        table.append({**row, "params": first["params"], "gmacs": first["gmacs"],
                       "train_samples_per_s": statistics.fmean(r["train_samples_per_s"] for r in ok),
                       "train_s": statistics.fmean(r["train_s"] for r in ok),
                       "peak_mem_mib": max(r["peak_mem_mib"] for r in ok), "epochs": first["epochs"]})

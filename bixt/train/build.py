@@ -81,7 +81,12 @@ def _is_kind(value, kind: str) -> bool:
 
 
 def _check_fits(name: str, mcfg, data, spec) -> None:
-    classes, chans = getattr(mcfg, "num_classes", 0), getattr(mcfg, "in_chans", data.in_chans)
+    dense = data.task == "segment"  # per-token classes: the dense head's
+    classes = getattr(mcfg, "dense_classes" if dense else "num_classes", 0)
+    chans = getattr(mcfg, "in_chans", data.in_chans)
+    if dense and not classes:
+        raise ValueError(f"{name} has no per-token head but {spec} is a segmentation task: evaluate a model trained "
+                         "on it (dense_classes > 0)")
     if classes < data.num_classes:
         raise ValueError(f"{name} predicts {classes} classes but {spec} has {data.num_classes}: "
                          "evaluate on data with at most that many classes")

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bixt.data import parse_spec
+from bixt.data import DEFAULT_RECIPES, parse_spec
 from bixt.train import rundir
 
 
@@ -164,9 +164,15 @@ def find_run(resume: str | Path) -> Path:
     return run
 
 
+def data_recipe(data: str) -> dict:
+    """The training options the data kind defaults (bixt.data.Source.recipe), under any given."""
+    return dict(DEFAULT_RECIPES[parse_spec(data).kind])
+
+
 def resolve_config(options: dict | None = None, config_file: str | Path | None = None,
                    resume: str | Path | None = None) -> TrainConfig:
-    """The run's config: defaults < saved run config (resume) < config file < `options` (None values ignored).
+    """The run's config: defaults < the data kind's (data_recipe) < saved run config (resume) < config file <
+    `options` (None values ignored).
 
     Resuming with an option that would change the computation is refused: the run would no longer be exact.
     """
@@ -179,7 +185,7 @@ def resolve_config(options: dict | None = None, config_file: str | Path | None =
     if "model_args" in from_file and "model_args" in options:  # the command line's model_args add to the file's
         given["model_args"] = {**from_file["model_args"], **options["model_args"]}
     if resume is None:
-        return TrainConfig(**given)
+        return TrainConfig(**{**data_recipe(given.get("data", TrainConfig.data)), **given})
     run = find_run(resume)
     if given.get("out") is not None and Path(given["out"]).resolve() != run.resolve():
         raise ValueError(f"--out {given['out']} and --resume {resume} name different runs: a resumed run stays in "

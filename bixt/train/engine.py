@@ -86,6 +86,20 @@ def predict(model: nn.Module, x: Tensor, pad_id: int | None = None) -> Tensor:
     return model(x) if pad_id is None else model(x, padding_mask=x == pad_id)
 
 
+def dense_logits(logits: Tensor, x: Tensor) -> Tensor:
+    """Per-token logits (B, N, K) laid out as the labels, classes second: points and sequences (B, K, N); images
+    (B, K, H, W), the token grid's logits upsampled bilinearly to the pixels (the paper's linear head)."""
+    logits = logits.transpose(1, 2)
+    if x.dim() != 4:
+        return logits
+    (b, k, n), (h, w) = logits.shape, x.shape[-2:]
+    s = math.isqrt(h * w // n) if 0 < n <= h * w else 0
+    if not s or (h // s) * (w // s) != n:
+        raise ValueError(f"{n} per-token outputs are no grid over the {h}x{w} image: dense image models need a "
+                         "square token grid (img_size a multiple of the stride)")
+    return F.interpolate(logits.reshape(b, k, h // s, w // s), size=(h, w), mode="bilinear", align_corners=False)
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """Mixed precision when `amp_dtype` is set (--amp), else a no-op context."""
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -117,6 +131,38 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, am
     loss, top1, top5, n = all_sum(d, [v * d.weight for v in sums])
     n = max(n, 1)
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "samples": int(n), "seconds": seconds,
+            "samples_per_s": n / max(seconds, 1e-9)}
+
+
+def evaluate_dense(model: nn.Module, data: Data, batch_size: int, d: Dist, *, amp_dtype: torch.dtype | None = None,
+                   workers: int = 0) -> dict:
+    """A dense task's test split: mean cross-entropy and accuracy over the labelled tokens (points, pixels), mIoU
+    and, for part segmentation, ShapeNetPart's instance and category mIoU (bixt.train.metrics); "top1" is the
+    per-token accuracy, there is no top-5. Exact over processes, as `evaluate`."""
+    from bixt.train.metrics import SegmentationMeter
+
+    if d.shard > 1:
+        raise ValueError("dense tasks do not run token-sharded: drop --shard-tokens")
+    model.eval()
+    meter = SegmentationMeter(data.num_classes, data.ignore_index, data.category_parts)
+    idx = list(range(d.data_rank, len(data.test), d.data_world))
+    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    sums = [0.0, 0.0]  # loss over the labelled tokens, samples
+    start = time.perf_counter()
+    with torch.no_grad(), autocast(d.device, amp_dtype):
+        for x, y in loader(data.test, batches, workers, d.device):
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            logits = dense_logits(predict(model, x, data.pad_id), x).float()
+            sums[0] += F.cross_entropy(logits, y, ignore_index=data.ignore_index, reduction="sum").item()
+            sums[1] += len(y)
+            meter.update(logits, y)
+    seconds = time.perf_counter() - start
+    meter.to(d.device).sync()  # NCCL reduces device tensors: a process without batches still holds CPU ones
+    loss, n = all_sum(d, sums)
+    metrics = meter.compute()
+    tokens = max(int(meter.confusion.sum()), 1)
+    return {"loss": loss / tokens, "top1": metrics["pixel_acc"], "top5": None,
+            **{k: v for k, v in metrics.items() if k != "pixel_acc"}, "samples": int(n), "seconds": seconds,
             "samples_per_s": n / max(seconds, 1e-9)}
 
 
@@ -203,7 +249,7 @@ def amp_dtype_for(amp: bool, device: torch.device) -> torch.dtype | None:
     return precision.amp_dtype(device)
 
 
-def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist) -> Learner:
+def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist, ignore_index: int = -100) -> Learner:
     """AdamW with warm-up + cosine per step, autocast when --amp (fp16 with loss scaling where bf16 is missing),
     and DDP over the processes of a torchrun job (its mean of the gradients is also what token sharding needs:
     bixt.nn.sharding)."""
@@ -217,8 +263,8 @@ def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist) -> Le
     # Gradients as views into DDP's buckets: no second copy of them (a model's size less at every step's peak).
     net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None,
                                               gradient_as_bucket_view=True) if d.active else model
-    return Learner(model, net, opt, sched, scaler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                   amp_dtype, cfg.clip_grad, d)
+    criterion = nn.CrossEntropyLoss(ignore_index=ignore_index, label_smoothing=cfg.label_smoothing)
+    return Learner(model, net, opt, sched, scaler, criterion, amp_dtype, cfg.clip_grad, d)
 
 
 @dataclass
@@ -244,16 +290,24 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
     started = time.perf_counter()
     batches = epoch_batches(len(data.train), cfg.batch_size, state.epoch, cfg.seed, d)[state.step:]
     finished = True
+    dense = data.task == "segment"
     for x, y in loader(data.train, batches, data.workers, d.device):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with learner.autocast():
             logits = predict(learner.net, x, data.pad_id)
-            loss = learner.criterion(logits.float(), y)
+            logits = dense_logits(logits, x).float() if dense else logits.float()
+            loss = learner.criterion(logits, y)
+        # dense: the loss is the mean over the labelled tokens (none labelled: a zero loss, not 0/0)
+        counted = y != data.ignore_index if dense else torch.ones_like(y, dtype=torch.bool)
+        n = counted.sum().item()
+        if not n:
+            loss = logits.sum() * 0.0
         value = loss.item()
+        correct = ((logits.argmax(1) == y) & counted).sum().item()
         # The stop request travels with the step's numbers, so every process stops after the same step.
         w = d.weight  # a sample whose tokens several processes share is counted once
-        stats = StepStats(*all_sum(d, [w * value * len(y), w * (logits.argmax(1) == y).sum().item(), w * len(y),
-                                       float(not math.isfinite(value)), float(stop.signum > 0)]))
+        stats = StepStats(*all_sum(d, [w * value * n, w * correct, w * n, w * len(y), float(not math.isfinite(value)),
+                                       float(stop.signum > 0)]))
         if stats.diverged:
             raise _diverged(value, state, Path(cfg.out) / rundir.LAST)
         problem = learner.step(loss)
@@ -261,7 +315,7 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
         if all_sum(d, [float(problem is not None)])[0]:
             raise _diverged_update(problem, state, Path(cfg.out) / rundir.LAST)
         state.record_step(stats)
-        speed.samples += int(stats.samples)
+        speed.samples += int(stats.inputs)
         report.step(state)
         if on_step is not None:
             on_step(state.epoch, state.step, learner.model)
@@ -275,8 +329,13 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
 def validate(cfg: TrainConfig, learner: Learner, data: Data, state: TrainState) -> dict:
     """The test split after epoch `state.epoch`, in batches twice the training's: no activations are kept for a
     backward. A non-finite test loss (finite but huge weights) stops the run before the epoch is saved."""
-    test = evaluate(learner.model, data.test, max(1, 2 * cfg.batch_size // learner.d.data_world), learner.d,
-                    amp_dtype=learner.amp_dtype, workers=data.workers, pad_id=data.pad_id)
+    batch = max(1, 2 * cfg.batch_size // learner.d.data_world)
+    if data.task == "segment":
+        test = evaluate_dense(learner.model, data, batch, learner.d, amp_dtype=learner.amp_dtype,
+                              workers=data.workers)
+    else:
+        test = evaluate(learner.model, data.test, batch, learner.d, amp_dtype=learner.amp_dtype,
+                        workers=data.workers, pad_id=data.pad_id)
     if not math.isfinite(test["loss"]):
         raise TrainingDiverged(f"test loss is {test['loss']} after epoch {state.epoch + 1}; nothing of that epoch "
                                f"was saved; {_last_good(Path(cfg.out) / rundir.LAST)}")

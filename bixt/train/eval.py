@@ -1,4 +1,5 @@
-"""`bixt eval`: top-1, top-5, loss and samples/s of a checkpoint on a data split.
+"""`bixt eval`: top-1, top-5, loss and samples/s of a checkpoint on a data split; for dense tasks (segmentation)
+per-token accuracy, mIoU and, for part segmentation, ShapeNetPart's instance and category mIoU.
 
 Accepts a run folder of `bixt train` (or a checkpoint inside one: model, overrides and data come from its
 config.yaml), a bare weights file of a registered model, and the authors' released BiXT checkpoints
@@ -16,7 +17,7 @@ from bixt.train import rundir
 from bixt.train.build import build_for_data
 from bixt.train.config import read_config_file
 from bixt.train.distributed import Dist, resolve_device
-from bixt.train.engine import amp_dtype_for, evaluate
+from bixt.train.engine import amp_dtype_for, evaluate, evaluate_dense
 
 
 def find_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
@@ -38,7 +39,8 @@ def find_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
 def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: str | None = None, *,
                         batch_size: int = 128, device: str | None = None, workers: int | None = None,
                         amp: bool = False) -> dict:
-    """Evaluate a checkpoint; returns {model, data, checkpoint, top1, top5, loss, samples, seconds, samples_per_s}.
+    """Evaluate a checkpoint; returns {model, data, checkpoint, top1, top5, loss, samples, seconds, samples_per_s}
+    (dense tasks: top1 per labelled token, top5 None, and miou, with part segmentation instance_miou, class_miou).
     `amp`: under bf16 autocast (fp16 on CUDA without bf16), as `bixt train --amp` evaluates."""
     from bixt.models.registry import get_entry
 
@@ -71,6 +73,9 @@ def evaluate_checkpoint(checkpoint: str | Path, model: str | None = None, data: 
     net = entry.build(mcfg)
     load_checkpoint(net, weights)
     net.to(d.device)
-    result = evaluate(net, ds.test, batch_size, d, amp_dtype=amp_dtype,
-                      workers=ds.workers if workers is None else workers, pad_id=ds.pad_id)
+    workers = ds.workers if workers is None else workers
+    if ds.task == "segment":
+        result = evaluate_dense(net, ds, batch_size, d, amp_dtype=amp_dtype, workers=workers)
+    else:
+        result = evaluate(net, ds.test, batch_size, d, amp_dtype=amp_dtype, workers=workers, pad_id=ds.pad_id)
     return {"model": model, "data": str(data), "checkpoint": str(weights), **result}

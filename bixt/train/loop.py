@@ -84,7 +84,7 @@ def _train(cfg: TrainConfig, d: Dist, resuming: bool, console, on_step: OnStep |
 def _run(cfg: TrainConfig, d: Dist, model: nn.Module, data: Data, steps: int, resuming: bool, console,
          on_step: OnStep | None) -> TrainResult:
     saved = _load_checkpoint(cfg, model) if resuming else None
-    learner = build_learner(cfg, model, steps, d)
+    learner = build_learner(cfg, model, steps, d, data.ignore_index)
     state = TrainState()
     # Drop-path differs between the data-parallel processes; those sharing a sample's tokens draw the same masks.
     torch.manual_seed(cfg.seed + d.data_rank)
@@ -96,7 +96,7 @@ def _run(cfg: TrainConfig, d: Dist, model: nn.Module, data: Data, steps: int, re
     saver.begin()
     dist_.on_main(d, lambda: rundir.write_classes(Path(cfg.out), data.classes))
     speed, stopped = Throughput(), False
-    with StopFlag() as stop, reporter(console, cfg, steps, state) as report:
+    with StopFlag() as stop, reporter(console, cfg, steps, state, data.task == "segment") as report:
         while state.epoch < cfg.epochs:
             if not train_one_epoch(cfg, learner, data, state, stop=stop, report=report, speed=speed,
                                    on_step=on_step):
@@ -130,6 +130,8 @@ def _fit(cfg: TrainConfig, d: Dist) -> tuple[TrainConfig, object, Data, int]:
     mcfg, data, model_args = build_for_data(name, model_args, cfg.data, seed=cfg.seed, augment=cfg.augment)
     data = dataclasses.replace(data, train=take(data.train, cfg.train_samples, "train"),
                                test=take(data.test, cfg.test_samples, "test"))
+    if data.task == "segment" and d.shard > 1:
+        raise ValueError(f"--data {cfg.data} is a dense task, which does not run token-sharded: drop --shard-tokens")
     steps = steps_per_epoch(len(data.train), cfg.batch_size, d)
     if steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training samples: "

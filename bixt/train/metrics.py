@@ -73,7 +73,7 @@ class SegmentationMeter:
         pred = self._labels(pred.detach(), target)
         target = target.long()
         if self.confusion.device != target.device:
-            self._move(target.device)
+            self.to(target.device)
         # torchmetrics drops ignore_index tokens (their predictions too) before counting
         self.confusion += multiclass_confusion_matrix(pred.flatten(), target.flatten(), self.num_classes,
                                                       ignore_index=self.ignore_index, validate_args=False).long()
@@ -103,10 +103,11 @@ class SegmentationMeter:
         self.shape_miou_sum.index_add_(0, cat[scored], shape_miou)
         self.shape_count.index_add_(0, cat[scored], torch.ones_like(shape_miou))
 
-    def _move(self, device) -> None:
+    def to(self, device) -> SegmentationMeter:
         self.confusion, self.shape_miou_sum, self.shape_count = (t.to(device) for t in self.state())
         if self.category_parts is not None:
             self._member = self._member.to(device)
+        return self
 
     def compute(self) -> dict[str, float]:
         """pixel_acc (correct / non-void tokens), miou (IoU averaged over the classes present in labels or

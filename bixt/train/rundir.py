@@ -61,7 +61,8 @@ def read_classes(run: Path) -> list[str] | None:
     return [str(n) for n in names]
 LAST, STATE, BEST = "last.safetensors", "last.state.pt", "best.safetensors"
 LOCK = ".lock"
-COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "lr", "seconds")
+COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "lr", "seconds", "test_miou",
+           "test_instance_miou")  # dense tasks: train/test acc per labelled token, no top-5; mIoU (part seg: both)
 
 
 def prepare(out: str | None, name: str, resuming: bool, lock: RunLock | None = None) -> Path:
@@ -256,13 +257,15 @@ def write_metrics(run: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS})
+        writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else "" if v is None else v)
+                         for k, v in row.items() if k in COLUMNS})
     atomic_write(run / METRICS, buf.getvalue().encode())
 
 
 def read_metrics(run: Path) -> list[dict]:
     with open(run / METRICS, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (int(v) if k == "epoch" else None if v == "" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def plot_curves(run: Path, rows: list[dict], title: str = "") -> None:
@@ -274,9 +277,13 @@ def plot_curves(run: Path, rows: list[dict], title: str = "") -> None:
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "top-1 accuracy")):
+    dense = any(r.get("test_miou") is not None for r in rows)
+    for ax, key, label in ((ax_loss, "loss", "loss"),
+                           (ax_acc, "acc", "per-token accuracy, mIoU" if dense else "top-1 accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", ms=3, label="train")
         ax.plot(epochs, [r[f"test_{key}"] for r in rows], "o-", ms=3, label="test")
+        if key == "acc" and dense:
+            ax.plot(epochs, [r["test_miou"] for r in rows], "o-", ms=3, label="test mIoU")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -15,9 +15,10 @@ from bixt.train.distributed import Dist
 class StepStats(NamedTuple):
     """One optimizer step's numbers, summed over every process in a single all-reduce."""
 
-    loss_sum: float  # loss x samples
+    loss_sum: float  # loss x what it is the mean over (samples; dense tasks: labelled tokens)
     correct: float
-    samples: float
+    samples: float  # what accuracy counts: samples, or labelled tokens (points, pixels)
+    inputs: float  # samples, for the throughput
     diverged: float  # processes whose loss was not finite
     stopping: float  # processes asked to stop (Ctrl-C, SIGTERM)
 
@@ -33,7 +34,7 @@ class TrainState:
     correct: float = 0.0
     samples: float = 0.0
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
-    best_acc: float = -1.0
+    best_acc: float = -1.0  # the best test top-1 (dense tasks: mIoU)
     best_epoch: int = 0
     epoch_seconds: float = 0.0  # the current epoch so far, evaluation included
     train_seconds: float = 0.0  # the finished epochs, every session of the run together
@@ -66,11 +67,13 @@ class TrainState:
         self.train_seconds += self.epoch_seconds
         row = {"epoch": self.epoch + 1, "train_loss": self.train_loss, "train_acc": self.train_acc,
                "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test["top5"], "lr": lr,
-               "seconds": self.epoch_seconds}
+               "seconds": self.epoch_seconds, "test_miou": test.get("miou"),
+               "test_instance_miou": test.get("instance_miou")}
         self.history.append(row)
-        improved = row["test_acc"] > self.best_acc
+        score = test.get("miou", row["test_acc"])  # dense tasks keep the best class-mean IoU
+        improved = score > self.best_acc
         if improved:
-            self.best_acc, self.best_epoch = row["test_acc"], self.epoch + 1
+            self.best_acc, self.best_epoch = score, self.epoch + 1
         self.epoch, self.step, self.epoch_seconds = self.epoch + 1, 0, 0.0
         self.loss_sum = self.correct = self.samples = 0.0
         return row, improved

@@ -28,10 +28,10 @@ class Reporter:
 class ProgressReporter(Reporter):
     """Two rich progress bars: epochs (test accuracy, best so far) and the steps of the current epoch."""
 
-    def __init__(self, console, title: str, epochs: int, steps: int, state: TrainState):
+    def __init__(self, console, title: str, epochs: int, steps: int, state: TrainState, dense: bool = False):
         from rich import progress as p
 
-        self.epochs, self.steps = epochs, steps
+        self.epochs, self.steps, self.dense = epochs, steps, dense
         self.progress = p.Progress(p.TextColumn("{task.description}"), p.BarColumn(), p.MofNCompleteColumn(),
                                    p.TimeElapsedColumn(), p.TextColumn("eta"), p.TimeRemainingColumn(),
                                    p.TextColumn("{task.fields[info]}"), console=console)
@@ -46,20 +46,22 @@ class ProgressReporter(Reporter):
         self.progress.__exit__(*exc)
 
     def step(self, state: TrainState) -> None:
+        unit = "labelled tokens/s" if self.dense else "samples/s"  # dense: what the accuracy counts
         self.progress.update(self.step_bar, completed=state.step, info=f"loss {state.train_loss:.4f}  acc "
-                             f"{100 * state.train_acc:.2f}%  {state.samples / state.epoch_seconds:,.0f} samples/s")
+                             f"{100 * state.train_acc:.2f}%  {state.samples / state.epoch_seconds:,.0f} {unit}")
 
     def epoch(self, state: TrainState, row: dict) -> None:
-        self.progress.update(self.epoch_bar, completed=state.epoch, info=f"test acc {100 * row['test_acc']:.2f}%  "
-                             f"best {100 * state.best_acc:.2f}% (epoch {state.best_epoch})")
+        test = f"test mIoU {100 * row['test_miou']:.2f}%" if self.dense else f"test acc {100 * row['test_acc']:.2f}%"
+        self.progress.update(self.epoch_bar, completed=state.epoch, info=f"{test}  best {100 * state.best_acc:.2f}% "
+                             f"(epoch {state.best_epoch})")
         if state.epoch < self.epochs:
             self.progress.reset(self.step_bar, total=self.steps, description=f"epoch {state.epoch + 1}", info="")
 
 
-def reporter(console, cfg: TrainConfig, steps: int, state: TrainState) -> Reporter:
+def reporter(console, cfg: TrainConfig, steps: int, state: TrainState, dense: bool = False) -> Reporter:
     if console is None:
         return Reporter()
-    return ProgressReporter(console, cfg.title, cfg.epochs, steps, state)
+    return ProgressReporter(console, cfg.title, cfg.epochs, steps, state, dense)
 
 
 class StopFlag:
