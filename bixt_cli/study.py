@@ -76,7 +76,10 @@ def compare_training(data: str, models: str | None, baselines: str | None, batch
 
         def on_row(row: dict) -> None:
             bar.advance(total)
-            acc_text = "-" if row.get("test_acc") is None else f"{100 * row['test_acc']:.2f} %"
+            if row.get("test_miou") is not None:  # a dense task: its score is the mIoU
+                acc_text = f"mIoU {100 * row['test_miou']:.2f} %"
+            else:
+                acc_text = "-" if row.get("test_acc") is None else f"{100 * row['test_acc']:.2f} %"
             bar.console.print(f"  {row['model']:<20} {row['setting']:<24} seed {row['seed']}  {row['status']:<6} "
                               f"test {acc_text}  {_fmt(row.get('train_s'))} s  {row.get('message') or ''}",
                               highlight=False, markup=False)
@@ -104,6 +107,6 @@ def compare_training(data: str, models: str | None, baselines: str | None, batch
     console.print(_table(title, table, columns))
     console.print("gmacs: the architecture's count per sample; train_s: training time per run, evaluation included; "
                   "peak_mem_mib: the run's process (RSS on a CPU).")
-    console.print(f"written to {out}: study.json, results.csv, results.json, summary.csv, {', '.join(PLOTS)}, runs/",
-                  markup=False)
+    console.print(f"written to {out}: study.json, recipe.json, results.csv, results.json, summary.csv, "
+                  f"{', '.join(PLOTS)}, runs/", markup=False)
     return rows

@@ -80,12 +80,13 @@ def test_authors_layout_round_trips_and_names_the_fitting_model():
 
 def test_d13_is_a_dense_backbone_without_its_last_layer():
     """The authors' dense use: drop the d13 classifier's last (one-sided) layer; the tokens out of the layer before
-    are the dense features. Here: the classifier's weights load into a one-layer-shallower dense model."""
+    are the dense features. Here: the classifier's weights (the authors' layout) load strictly into a
+    one-layer-shallower dense model; two layers shallower is refused."""
     small = dict(img_size=64, depth=3, dim=64, heads=2, num_latents=8)
     classifier = create_model("bixt_ti_cnv_l64_d13_p8", **small).eval()
     dense = create_model("bixt_ti_cnv_l64_d13_p8", **{**small, "depth": 2}, num_classes=0, dense_classes=5)
     assert all(not layer.cross.one_sided for layer in dense.layers)
-    load_checkpoint(dense, classifier.state_dict(), strict=False).eval()
+    load_checkpoint(dense, bixt_to_official(classifier.state_dict())).eval()  # strict: only the last layer goes
     torch.nn.init.normal_(dense.dense_head.weight)  # zero-initialised: give the check something to see
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -94,6 +95,9 @@ def test_d13_is_a_dense_backbone_without_its_last_layer():
         logits = dense(x)
     assert logits.shape == (2, 64, 5)
     torch.testing.assert_close(logits, dense.dense_head(dense.dense_norm(tokens)), atol=0, rtol=0)
+    shallower = create_model("bixt_ti_cnv_l64_d13_p8", **{**small, "depth": 1}, num_classes=0, dense_classes=5)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_checkpoint(shallower, classifier.state_dict())
 
 
 def test_batchnorm_trains_and_every_stage_gets_a_gradient():

@@ -103,6 +103,8 @@ def test_every_run_shares_the_recipe_and_the_seed_sets_the_data_order(tmp_path):
     assert [(c.model, c.seed) for c in log[:4]] == [("bixt_cpu", 0), ("vit_cpu", 0), ("bixt_cpu", 1), ("vit_cpu", 1)]
     assert [r["tokens"] for r in rows[:6]] == [49] * 6 and [r["tokens"] for r in rows[6:]] == [196] * 6
     assert len({c.out for c in log}) == 12
+    recipe = json.loads((tmp_path / "s" / "recipe.json").read_text())
+    assert recipe["epochs"] == 2 and recipe["lr"] == TrainConfig().lr and "seed" not in recipe
 
 
 def test_the_summary_is_the_mean_and_unbiased_std_over_seeds(tmp_path):

@@ -99,14 +99,22 @@ class Sweep:
 QUICK = {"seq_lens": (256, 1024, 4096), "budget_s": 20.0, "total_s": 150.0}
 
 
-def resolve_models(models: list[str] | None, baselines: list[str] | None) -> tuple[str, ...]:
-    """--models (default BiXT-Ti/16) plus --baselines, each a family (its default model) or a model name."""
-    names = list(models or [DEFAULT_MODEL])
+def resolve_models(models: list[str] | None, baselines: list[str] | None,
+                   defaults: dict[str, tuple[str, ...]] = FAMILY_DEFAULTS, matched_for: str | None = None
+                   ) -> tuple[str, ...]:
+    """--models (default: the `bixt` family's model in `defaults`, BiXT-Ti/16) plus --baselines, each a family (its
+    models in `defaults`) or a model name. `matched_for` (e.g. "image data"): `defaults` are the only models a family
+    may stand for there, and a family missing from them is an error; otherwise it stands for all its models."""
+    names = list(models or defaults["bixt"])
     for item in baselines or []:
-        if item in families():
-            names += FAMILY_DEFAULTS.get(item) or list_models(family=item)
+        if item in defaults:
+            names += defaults[item]
         elif item in list_models():
             names.append(item)
+        elif item in families() and matched_for:
+            raise ValueError(f"no matched CPU-sized {item} model for {matched_for}: name one from `bixt models`")
+        elif item in families():
+            names += list_models(family=item)
         else:
             raise ValueError(f"unknown baseline {item!r}: give a family ({', '.join(families())}) or a model name "
                              "from `bixt models`")

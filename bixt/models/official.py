@@ -72,6 +72,7 @@ def checkpoint_filter_fn(state: dict[str, Tensor], model: nn.Module | None = Non
     if model is None:
         return state
     own = model.state_dict()
+    state = as_dense_backbone(state, own)
     if POS_KEY in state and POS_KEY not in own:
         state.pop(POS_KEY)
     elif POS_KEY in own:
@@ -81,6 +82,19 @@ def checkpoint_filter_fn(state: dict[str, Tensor], model: nn.Module | None = Non
             raise ValueError("the checkpoint's stored positional grid differs from the recomputed Fourier "
                              "features: the file is corrupt or not a BiXT checkpoint")
     return state
+
+def as_dense_backbone(state: dict[str, Tensor], own: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The authors' dense use of their d13 classifiers: a dense model one layer shallower takes the classifier's
+    weights without its last layer (one-sided: it updates only the latents) and its pooled head; the per-token head
+    keeps the model's own initialisation, to be fine-tuned. Any other checkpoint passes unchanged."""
+    depth = len({k.split(".")[1] for k in own if k.startswith("layers.")})
+    last = f"layers.{depth}."
+    one_more = any(k.startswith(last) for k in state) and not any(k.startswith(f"layers.{depth + 1}.") for k in state)
+    if not (one_more and "dense_head.weight" in own and "dense_head.weight" not in state):
+        return state
+    kept = {k: v for k, v in state.items() if not k.startswith(last) and (k in own or not k.startswith("head."))}
+    return {**kept, **{k: v for k, v in own.items() if k.startswith(("dense_head.", "dense_norm."))}}
+
 
 # The authors' tokenizer classes (the start of `embed_layer`) -> (our `tokenizer`, stride as a fraction of the patch
 # size). ConvPatchEmbed is `BiXTConvTok`'s (bixt_convtok.py); its other arguments are `BiXT`'s.

@@ -12,7 +12,8 @@ Equal epochs (the recipe's), or equal wall clock (`train_seconds`): each model a
 epochs that its measured training step (forward and backward at the recipe's batch, `bixt.measure.profile.measure`)
 fits into the seconds given, so the learning-rate schedule still runs to its end.
 
-Output folder: study.json (what was asked), results.csv / results.json (one row per run, rewritten after each run,
+Output folder: study.json (what was asked), recipe.json (the training options every run shares, defaults
+resolved), results.csv / results.json (one row per run, rewritten after each run,
 so a killed study keeps what finished; running the same study into the same folder again skips those runs),
 summary.csv (per model and token count: mean, unbiased std and each seed's accuracy, and the costs), and the plots of
 `bixt.study.plots`.
@@ -36,10 +37,11 @@ import torch
 
 from bixt.data import build_data, parse_spec, take
 from bixt.io.atomic import atomic_write
+from bixt.measure import compare
 from bixt.measure.compare import ResultsWriter, rows_to_csv
 from bixt.measure.flops import ARCHITECTURE_BACKEND, analytic_macs
 from bixt.measure.profile import QUICK_PLAN, Setup, count, fresh_env, fresh_python, measure, prepare
-from bixt.models.registry import families, get_entry, list_models
+from bixt.models.registry import get_entry
 from bixt.train import TrainConfig, rundir
 from bixt.train.build import build_for_data
 from bixt.train.config import data_recipe
@@ -97,24 +99,10 @@ def resolve_models(models: list[str] | None, baselines: list[str] | None, modali
                    ) -> tuple[str, ...]:
     """--models (default: the modality's matched BiXT) plus --baselines: a family (its matched CPU-sized model for
     the data's modality) or a model name."""
-    matched = FAMILY_DEFAULTS.get(modality, {})
-    if not models and "bixt" not in matched:
+    if not models and modality not in FAMILY_DEFAULTS:
         raise ValueError(f"no matched CPU-sized models for {modality} data: name the models with --models (and the "
                          "baselines by model name)")
-    names = list(models or matched["bixt"])
-    for item in baselines or []:
-        if item in matched:
-            names += matched[item]
-        elif item in list_models():
-            names.append(item)
-        elif item in families():
-            raise ValueError(f"no matched CPU-sized {item} model for {modality} data: name one from `bixt models`")
-        else:
-            raise ValueError(f"unknown baseline {item!r}: give a family ({', '.join(families())}) or a model name "
-                             "from `bixt models`")
-    for name in names:
-        get_entry(name)  # unknown names: one line with the closest matches
-    return tuple(dict.fromkeys(names))
+    return compare.resolve_models(models, baselines, FAMILY_DEFAULTS.get(modality, {}), f"{modality} data")
 
 
 def parse_vary(items: list[str] | None) -> tuple[dict, ...]:
@@ -309,6 +297,8 @@ def run_study(study: Study, out: Path, runner: Runner = run_training, measurer=m
     kept = prepare_out(out, study)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "study.json", (json.dumps(study.to_dict(), indent=1) + "\n").encode())
+    shared = {k: v for k, v in study.config(cells[0].model, {}, study.seeds[0]).to_dict().items() if k not in PER_RUN}
+    atomic_write(out / "recipe.json", (json.dumps(shared, indent=1) + "\n").encode())  # every default resolved
     writer = ResultsWriter(out, COLUMNS)
     for row in kept:
         writer.add(row)
