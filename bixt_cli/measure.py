@@ -177,7 +177,7 @@ def compare(
     out: Path = typer.Option(None, help="Output folder; default results/compare-<timestamp>/. With --data, an "
                                         "earlier folder of the same study continues it."),
     quick: bool = typer.Option(False, help="Lengths 256,1024,4096, short timing, 20 s per configuration and 150 s "
-                                           "in all: a few minutes at most. With --data: 2 seeds, 2 epochs, 1024 "
+                                           "in all: a few minutes at most. With --data: 2 seeds, 5 epochs, 1024 "
                                            "training and 256 test samples."),
     mode: str = typer.Option(None, help="infer, train or both (default both)."),
     device: str = typer.Option(None, help="cpu or cuda (default cpu; with --data: cuda when available)."),

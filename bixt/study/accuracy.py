@@ -59,7 +59,7 @@ DEFAULT_MODEL = FAMILY_DEFAULTS["image"]["bixt"][0]
 # Recipe fields a study sets per run, not per study.
 PER_RUN = ("model", "seed", "out", "model_args", "resume")
 # --quick: minutes on 2 cores, for a first look and the tests.
-QUICK = {"seeds": 2, "epochs": 2, "train_samples": 1024, "test_samples": 256, "warmup_epochs": 0.0}
+QUICK = {"seeds": 2, "epochs": 5, "train_samples": 1024, "test_samples": 256, "warmup_epochs": 1.0}
 COLUMNS = ("model", "family", "setting", "tokens", "seed", "status", "message", "test_acc", "test_top5", "test_loss",
            "test_miou", "test_instance_miou", "train_acc", "epochs", "params", "gmacs", "train_samples_per_s",
            "train_s", "wall_s", "peak_mem_mib", "mem_kind", "run")
