@@ -41,7 +41,7 @@ from bixt.measure import compare
 from bixt.measure.compare import ResultsWriter, rows_to_csv
 from bixt.measure.flops import ARCHITECTURE_BACKEND, analytic_macs
 from bixt.measure.profile import QUICK_PLAN, Setup, count, fresh_env, fresh_python, measure, prepare
-from bixt.models.registry import get_entry
+from bixt.models.registry import count_params, get_entry
 from bixt.train import TrainConfig, rundir
 from bixt.train.build import build_for_data
 from bixt.train.config import data_recipe
@@ -179,9 +179,7 @@ def plan_cells(study: Study) -> list[Cell]:
                 gmacs = closed.total / 1e9
             else:  # no closed form: fvcore's count of one forward
                 gmacs = count(prepare(Setup(model, tokens, overrides=tuple(args.items()))))["gmacs"]
-            with torch.device("meta"):
-                params = sum(p.numel() for p in entry.build(mcfg).parameters())
-            cells.append(Cell(model, entry.family, setting, args, tokens, params, gmacs))
+            cells.append(Cell(model, entry.family, setting, args, tokens, count_params(model, **args), gmacs))
     return cells
 
 
