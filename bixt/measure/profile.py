@@ -369,10 +369,16 @@ def measure(setup: Setup, mode: str, plan: Plan = DEFAULT_PLAN, timeout: float |
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
-    if proc.returncode in (-9, 137):  # SIGKILL: on Linux, the kernel's OOM killer
-        return failure("oom", f"{mode}: killed by SIGKILL (out of memory)")
-    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return failure("error", f"{mode}: exit code {proc.returncode}: {tail[-1] if tail else 'no output'}")
+    return worker_failure(proc.returncode, proc.stderr, f"{mode}: ")
+
+
+def worker_failure(returncode: int, stderr: str, prefix: str = "") -> dict:
+    """The failure of a worker process that printed no result: oom when it was SIGKILLed (on Linux, the kernel's
+    OOM killer), else error with the last line it wrote to stderr."""
+    if returncode in (-9, 137):
+        return failure("oom", f"{prefix}killed by SIGKILL (out of memory)")
+    tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    return failure("error", f"{prefix}exit code {returncode}: {tail[-1] if tail else 'no output'}")
 
 
 def _worker(payload: dict) -> dict:

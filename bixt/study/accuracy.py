@@ -40,7 +40,16 @@ from bixt.io.atomic import atomic_write
 from bixt.measure import compare
 from bixt.measure.compare import ResultsWriter, rows_to_csv
 from bixt.measure.flops import ARCHITECTURE_BACKEND, analytic_macs
-from bixt.measure.profile import QUICK_PLAN, Setup, count, fresh_env, fresh_python, measure, prepare
+from bixt.measure.profile import (
+    QUICK_PLAN,
+    Setup,
+    count,
+    fresh_env,
+    fresh_python,
+    measure,
+    prepare,
+    worker_failure,
+)
 from bixt.models.registry import count_params, get_entry
 from bixt.train import TrainConfig, rundir
 from bixt.train.build import build_for_data
@@ -227,12 +236,8 @@ def run_training(cfg: TrainConfig, on_epoch: Callable[[int], None] | None = None
     out, err = proc.communicate()
     wall = time.perf_counter() - start
     lines = out.strip().splitlines()
-    if proc.returncode == 0 and lines:
-        return {**json.loads(lines[-1]), "wall_s": wall}
-    tail = [ln for ln in err.strip().splitlines() if ln.strip()]
-    status = "oom" if proc.returncode in (-9, 137) else "error"
-    reason = "killed by SIGKILL (out of memory)" if status == "oom" else (tail[-1] if tail else "no output")
-    return {"status": status, "message": f"exit code {proc.returncode}: {reason}", "wall_s": wall}
+    result = json.loads(lines[-1]) if proc.returncode == 0 and lines else worker_failure(proc.returncode, err)
+    return {**result, "wall_s": wall}
 
 
 def _epochs_done(run: Path) -> int:
