@@ -116,18 +116,23 @@ def user_errors(fn):
 
 def parse_model_args(items: list[str] | None) -> dict:
     """--model-arg KEY=VALUE items -> {key: value}; values read as YAML scalars (64, 0.1, true, sdpa)."""
-    import yaml
-
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--model-arg needs KEY=VALUE (a field of the model's config, e.g. depth=4), got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
+        out[key.strip()] = model_arg_value(value)
     return out
+
+
+def model_arg_value(text: str):
+    """A model-config value given on the command line, read as a YAML scalar (64, 0.1, true, sdpa)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
 
 
 MODEL_ARG_HELP = "Override a field of the model's config, KEY=VALUE (repeatable; e.g. --model-arg depth=4)."

@@ -8,11 +8,32 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bixt_cli.app import console, err_console, parse_model_args
+from bixt_cli.app import console, err_console, model_arg_value, parse_model_args
 from bixt_cli.measure import _fmt, _table, split_list
 
 SUMMARY = ["model", "setting", "tokens", "seeds", "acc", "accs", "params", "gmacs", "train_samples_per_s", "train_s",
            "peak_mem_mib", "epochs"]
+
+
+def parse_vary(items: list[str] | None) -> tuple[dict, ...]:
+    """`--vary stride=7,4,2 --vary patch_size=7,8,4` -> ({stride: 7, patch_size: 7}, ...): the values of every key
+    are zipped, one setting per position, each read as --model-arg reads its value."""
+    if not items:
+        return ({},)
+    columns = {}
+    for item in items:
+        key, sep, values = (part.strip() for part in item.partition("="))
+        if not sep or not key or not values:
+            raise ValueError(f"bad --vary {item!r}: use KEY=V1,V2,... (e.g. --vary stride=4,2)")
+        if key in columns:
+            raise ValueError(f"--vary {key} given twice: give each key once, its values comma-separated")
+        columns[key] = [model_arg_value(v.strip()) for v in values.split(",") if v.strip()]
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        counts = ", ".join(f"{k}: {len(v)}" for k, v in columns.items())
+        raise ValueError(f"--vary keys have different numbers of values ({counts}): give every key one value per "
+                         "setting")
+    return tuple({k: v[i] for k, v in columns.items()} for i in range(lengths.pop()))
 
 
 def study_from_options(data: str, models: str | None, baselines: str | None, batch_size: int | None, quick: bool,
@@ -44,7 +65,7 @@ def study_from_options(data: str, models: str | None, baselines: str | None, bat
     n_seeds = seeds if seeds is not None else (acc.QUICK["seeds"] if quick else 3)
     modality = build_data(data, need_train=False, augment=False).modality  # which matched models the families mean
     return acc.Study(data, acc.resolve_models(split_list(models), split_list(baselines), modality),
-                     acc.parse_vary(vary), tuple(range(n_seeds)), recipe, train_seconds)
+                     parse_vary(vary), tuple(range(n_seeds)), recipe, train_seconds)
 
 
 def compare_training(data: str, models: str | None, baselines: str | None, batch_size: int | None, out: Path | None,

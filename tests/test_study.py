@@ -15,6 +15,7 @@ from bixt.models.registry import get_entry
 from bixt.study import accuracy as acc
 from bixt.train import TrainConfig, train
 from bixt_cli.main import app
+from bixt_cli.study import parse_vary
 
 runner = CliRunner()
 MATCHED = ("bixt_cpu", "bixt_cpu_sequential", "bixt_cpu_iterative", "perceiver_cpu", "vit_cpu")
@@ -42,16 +43,16 @@ def test_the_token_axis_of_the_reference_study(stride, patch, tokens):
 
 
 def test_parse_vary_zips_the_keys():
-    assert acc.parse_vary(None) == ({},)
-    assert acc.parse_vary(["stride=7,4,2", "patch_size=7, 8, 4"]) == (
+    assert parse_vary(None) == ({},)
+    assert parse_vary(["stride=7,4,2", "patch_size=7, 8, 4"]) == (
         {"stride": 7, "patch_size": 7}, {"stride": 4, "patch_size": 8}, {"stride": 2, "patch_size": 4})
-    assert acc.parse_vary(["mlp_ratio=2.5", "attn_backend=math"]) == ({"mlp_ratio": 2.5, "attn_backend": "math"},)
+    assert parse_vary(["mlp_ratio=2.5", "attn_backend=math"]) == ({"mlp_ratio": 2.5, "attn_backend": "math"},)
     with pytest.raises(ValueError, match="different numbers of values"):
-        acc.parse_vary(["stride=4,2", "patch_size=8"])
+        parse_vary(["stride=4,2", "patch_size=8"])
     with pytest.raises(ValueError, match="KEY=V1,V2"):
-        acc.parse_vary(["stride"])
+        parse_vary(["stride"])
     with pytest.raises(ValueError, match="given twice"):
-        acc.parse_vary(["stride=4", "stride=2"])
+        parse_vary(["stride=4", "stride=2"])
 
 
 def test_families_stand_for_their_matched_models():

@@ -114,38 +114,6 @@ def resolve_models(models: list[str] | None, baselines: list[str] | None, modali
     return compare.resolve_models(models, baselines, FAMILY_DEFAULTS.get(modality, {}), f"{modality} data")
 
 
-def parse_vary(items: list[str] | None) -> tuple[dict, ...]:
-    """`--vary stride=7,4,2 --vary patch_size=7,8,4` -> ({stride: 7, patch_size: 7}, ...): the values of every key
-    are zipped, one setting per position."""
-    if not items:
-        return ({},)
-    columns = {}
-    for item in items:
-        key, sep, values = (part.strip() for part in item.partition("="))
-        if not sep or not key or not values:
-            raise ValueError(f"bad --vary {item!r}: use KEY=V1,V2,... (e.g. --vary stride=4,2)")
-        if key in columns:
-            raise ValueError(f"--vary {key} given twice: give each key once, its values comma-separated")
-        columns[key] = [_value(v.strip(), key) for v in values.split(",") if v.strip()]
-    lengths = {len(v) for v in columns.values()}
-    if len(lengths) > 1:
-        counts = ", ".join(f"{k}: {len(v)}" for k, v in columns.items())
-        raise ValueError(f"--vary keys have different numbers of values ({counts}): give every key one value per "
-                         "setting")
-    return tuple({k: v[i] for k, v in columns.items()} for i in range(lengths.pop()))
-
-
-def _value(text: str, key: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # What each (model, setting) is: checked once before anything runs.
 
