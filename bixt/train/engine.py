@@ -105,6 +105,13 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
 
+def eval_batches(n: int, batch_size: int, d: Dist) -> list[list[int]]:
+    """This process's evaluation batches: every data_world-th sample, no padding, so sums over processes are exact
+    (processes sharing one sample's tokens take the same samples)."""
+    idx = list(range(d.data_rank, n, d.data_world))
+    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, amp_dtype: torch.dtype | None = None,
              workers: int = 0, pad_id: int | None = None) -> dict:
     """Top-1, top-5 (top-k for k = min(5, classes)), mean cross-entropy and samples/s over the whole split.
@@ -113,8 +120,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, d: Dist, *, am
     (processes sharding one sample's tokens take the same samples and count them once).
     """
     model.eval()
-    idx = list(range(d.data_rank, len(dataset), d.data_world))
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    batches = eval_batches(len(dataset), batch_size, d)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, samples
     start = time.perf_counter()
     with torch.no_grad(), autocast(d.device, amp_dtype):
@@ -145,8 +151,7 @@ def evaluate_dense(model: nn.Module, data: Data, batch_size: int, d: Dist, *, am
         raise ValueError("dense tasks do not run token-sharded: drop --shard-tokens")
     model.eval()
     meter = SegmentationMeter(data.num_classes, data.ignore_index, data.category_parts)
-    idx = list(range(d.data_rank, len(data.test), d.data_world))
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    batches = eval_batches(len(data.test), batch_size, d)
     sums = [0.0, 0.0]  # loss over the labelled tokens, samples
     start = time.perf_counter()
     with torch.no_grad(), autocast(d.device, amp_dtype):
