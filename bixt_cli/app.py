@@ -152,3 +152,10 @@ def _print_version(value: bool) -> None:
 def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
                                       callback=_print_version)):
     """BiXT: the Bi-Directional Cross-Attention Transformer, and the tools to check its claims."""
+    from bixt.nn.allocator import tune_allocator
+
+    try:  # before any tensor exists: every command's steps then reuse mapped memory (bixt/nn/allocator.py)
+        tune_allocator()
+    except ValueError as e:
+        print_error(str(e))
+        raise typer.Exit(2) from None

@@ -23,6 +23,8 @@ AMP_HELP = ("Run the steps under autocast (bf16; fp16 on a GPU without bf16) wit
             "AVX512-BF16 or AMX. Unlike --dtype, which casts the weights.")
 CHECKPOINT_HELP = ("Training recomputes each layer's activations in backward (gradient checkpointing): less memory, "
                    "about one more forward of time.")
+COMPILE_HELP = ("Run the model torch.compile'd (inductor; on a CPU it needs g++): the first step compiles, and its "
+                "time is reported apart as *_compile_s, out of the step times and memory.")
 
 
 def join_list_values(args: list[str], options: tuple[str, ...] = LIST_OPTIONS) -> list[str]:
@@ -112,6 +114,7 @@ def profile(
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     amp: bool = typer.Option(False, "--amp", help=AMP_HELP),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help=CHECKPOINT_HELP),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     backend: str = typer.Option(None, help="Attention backend (math, sdpa, xformers, auto...); default: the model's."),
     quick: bool = typer.Option(False, help="Shorter warm-up and timing (noisier)."),
     shard_tokens: int = typer.Option(None, "--shard-tokens", metavar="P",
@@ -127,7 +130,9 @@ def profile(
         raise ValueError(f"--seq-len must be positive, got {seq_len}: pass a number of tokens >= 1")
     overrides = parse_model_args(model_arg)
     setup = Setup(model, tokens_for(model, seq_len, img_size, overrides), batch_size, device, dtype, backend,
-                  tuple(overrides.items()), grad_checkpointing=grad_checkpointing, amp=amp)
+                  tuple(overrides.items()), grad_checkpointing=grad_checkpointing, amp=amp, compile=compile_)
+    if shard_tokens is not None and compile_:  # the sharded attention's collectives are not checked under compile
+        raise ValueError("--compile does not run with --shard-tokens: drop one of them")
     if shard_tokens is not None:
         _profile_sharded(setup, shard_tokens, parse_modes(mode), QUICK_PLAN if quick else DEFAULT_PLAN, as_json)
         return
@@ -136,7 +141,8 @@ def profile(
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
         return
-    rows = [{"metric": k, "value": v} for k, v in report.items() if not k.endswith("_message") or v]
+    rows = [{"metric": k, "value": v} for k, v in report.items()
+            if not k.endswith(("_message", "_compile_s")) or v is not None and v != ""]
     console.print(_table(f"{model} at {setup.seq_len} tokens, batch {batch_size}", rows, ["metric", "value"]))
     console.print(GMACS_NOTE)
 
@@ -184,6 +190,7 @@ def compare(
     dtype: str = typer.Option(None, help="fp32, bf16 or fp16 (default fp32)."),
     amp: bool = typer.Option(False, "--amp", help=AMP_HELP),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help=CHECKPOINT_HELP),
+    compile_: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     backend: str = typer.Option(None, help="Attention backend for every model; default: each model's own."),
     fit_from: int = typer.Option(None, help="Fit exponents over the lengths >= this (all if fewer than two; "
                                             "default 1024)."),
@@ -215,7 +222,8 @@ def compare(
     With --data: every model trained and tested on that data (same recipe, seeds and data order): test accuracy,
     mean +- std over seeds, against GMACs, training time and memory."""
     given = {"--seq-lens": seq_lens, "--budget-s": budget_s, "--mode": mode, "--dtype": dtype, "--backend": backend,
-             "--fit-from": fit_from, "--timing": timing, "--grad-checkpointing": grad_checkpointing or None}
+             "--fit-from": fit_from, "--timing": timing, "--grad-checkpointing": grad_checkpointing or None,
+             "--compile": compile_ or None}
     training = {"--epochs": epochs, "--seeds": seeds, "--vary": vary or None, "--train-seconds": train_seconds,
                 "--train-samples": train_samples, "--test-samples": test_samples, "--lr": lr,
                 "--warmup-epochs": warmup_epochs, "--config": config, "--model-arg": model_arg or None}
@@ -240,12 +248,13 @@ def compare(
     short = timing == "short" or (timing is None and quick)
     sweep = cmp.Sweep(names, lengths, batch_size, device, dtype, backend, budget, parse_modes(mode),
                       QUICK_PLAN if short else DEFAULT_PLAN, fit_from, cmp.QUICK["total_s"] if quick else None,
-                      grad_checkpointing=grad_checkpointing, amp=amp)
+                      grad_checkpointing=grad_checkpointing, amp=amp, compile=compile_)
     cmp.check_sweep(sweep)
     out = cmp.prepare_out(out)
     console.print(f"[bold]bixt compare[/]: {', '.join(names)} at {', '.join(map(str, sorted(lengths)))} tokens, "
                   f"batch {batch_size}, {device} {dtype}{' amp' if amp else ''}"
-                  f"{', grad checkpointing' if grad_checkpointing else ''}, budget {budget:.0f} s per configuration -> "
+                  f"{', grad checkpointing' if grad_checkpointing else ''}{', compiled' if compile_ else ''}, "
+                  f"budget {budget:.0f} s per configuration -> "
                   f"{escape(str(out))}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
@@ -263,7 +272,8 @@ def compare(
     console.print(_table("results", rows,
                          ["model", "seq_len", "status", "gmacs", "gmacs_analytic", "gmacs_executed", "macs_backend",
                           "infer_samples_per_sec", "infer_peak_mem_mib", "infer_act_mem_mib", "train_step_ms",
-                          "train_peak_mem_mib", "predicted_s", "message"]))
+                          "train_peak_mem_mib", *(("infer_compile_s", "train_compile_s") if compile_ else ()),
+                          "predicted_s", "message"]))
     console.print(GMACS_NOTE)
     exps = cmp.exponents(rows, fit_from)
     console.print(_table(f"fitted exponents (log-log slope vs length, lengths >= {fit_from} where possible)", exps,

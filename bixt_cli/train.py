@@ -41,6 +41,9 @@ def train_command(
     grad_checkpointing: bool = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                             help="Recompute activations in the backward: less memory, one more "
                                                  "forward per step, the same weights."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile",
+                                  help="torch.compile the training step (inductor; on a CPU it needs g++): the "
+                                       "first step compiles, its time reported apart (compile_s)."),
     shard_tokens: int = typer.Option(None, "--shard-tokens", metavar="P",
                                      help="Under torchrun: every P processes share each sample's tokens (BiXT; "
                                           "exact, for inputs too long for one device). Default 1."),
@@ -63,7 +66,8 @@ def train_command(
 
     options = {"model": model, "data": data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "amp": amp,
-               "grad_checkpointing": grad_checkpointing, "shard_tokens": shard_tokens, "train_samples": train_samples,
+               "grad_checkpointing": grad_checkpointing, "compile": compile_, "shard_tokens": shard_tokens,
+               "train_samples": train_samples,
                "test_samples": test_samples, "device": device,
                "seed": seed, "out": None if out is None else str(out),
                "model_args": parse_model_args(model_arg) or None}
@@ -99,6 +103,8 @@ def train_command(
                        ("final test loss", f"{last['test_loss']:.4f}"),
                        ("final train acc", f"{100 * last['train_acc']:.2f} %"),
                        ("time", f"{result.seconds:.1f} s"), ("train samples/s", f"{result.samples_per_s:,.0f}"),
+                       *([("compile (first step)", f"{result.compile_s:.1f} s")] if result.compile_s is not None
+                         else []),
                        ("run folder", str(result.run))]:
         table.add_row(key, escape(str(value)))  # the run folder is the user's path: printed literally
     console.print(table)

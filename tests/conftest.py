@@ -12,6 +12,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_tune_cache(monkeypatch):
+    """`auto` on its built-in thresholds, whatever `bixt tune` cached on the machine running the tests (subprocesses
+    inherit it); tests/test_tune.py lifts it."""
+    monkeypatch.setenv("BIXT_NO_TUNE_CACHE", "1")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models

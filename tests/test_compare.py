@@ -169,8 +169,8 @@ def test_a_killed_sweep_keeps_every_finished_row(tmp_path):
     proc.wait()
     rows = json.loads(results.read_text())  # still valid JSON
     assert len(rows) >= 3 and [r["seq_len"] for r in rows] == [4 ** k for k in range(1, len(rows) + 1)]
-    with open(tmp_path / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
+    with open(tmp_path / "results.csv") as f:  # written right after the JSON: a kill between the two leaves it a row
+        assert len(rows) - 1 <= len(list(csv.DictReader(f))) <= len(rows)  # behind, still a valid file
 
 
 def test_out_folder_checks(tmp_path):

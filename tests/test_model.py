@@ -190,3 +190,16 @@ def test_token_chunks_only_on_cpu(device, calls):
     with torch.no_grad():
         add_per_token(x, lambda part: seen.append(part.shape[1]) or part, training=False)
     assert len(seen) == calls and sum(seen) == x.shape[1]
+
+
+def test_token_chunks_span_the_samples_of_a_batch():
+    """A batch of short samples is chunked as one run of tokens: 3 x 500 tokens are two chunks, not three."""
+    from bixt.nn.layers import TOKEN_CHUNK, add_per_token
+
+    x = torch.randn(3, 500, 4)
+    expected = x + (2 * x + 1)
+    seen = []
+    with torch.no_grad():
+        out = add_per_token(x, lambda part: seen.append(tuple(part.shape)) or 2 * part + 1, training=False)
+    assert seen == [(1, TOKEN_CHUNK, 4), (1, 1500 - TOKEN_CHUNK, 4)]
+    assert out is x and torch.equal(out, expected)

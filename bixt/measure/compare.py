@@ -33,6 +33,7 @@ from bixt.measure.flops import ARCHITECTURE_BACKEND, analytic_macs
 from bixt.measure.memory import is_oom
 from bixt.measure.profile import (
     DEFAULT_PLAN,
+    MODE_KEYS,
     MODES,
     Plan,
     Setup,
@@ -67,11 +68,9 @@ METRICS = ("gmacs", "gmacs_executed", "infer_step_ms", "train_step_ms", "infer_s
            "train_act_mem_mib")
 PROCESS_OVERHEAD_S = 3.0  # starting a fresh Python with torch and building the model, for the time prediction
 COLUMNS = ("model", "family", "seq_len", "img_size", "batch_size", "device", "dtype", "amp", "grad_checkpointing",
-           "backend", "status", "message", "predicted_s", "elapsed_s", "param_count", "gmacs", "gmacs_analytic",
-           "gmacs_attention", "gmacs_rest", "gmacs_executed", "macs_backend", "unsupported_ops",
-           *(f"{m}_{k}" for m in MODES for k in ("status", "message", "peak_mem_mib", "act_mem_mib",
-                                                  "samples_per_sec", "tokens_per_sec", "step_ms", "iters")),
-           "torch_version", "threads")
+           "compile", "backend", "status", "message", "predicted_s", "elapsed_s", "param_count", "gmacs",
+           "gmacs_analytic", "gmacs_attention", "gmacs_rest", "gmacs_executed", "macs_backend", "unsupported_ops",
+           *(f"{m}_{k}" for m in MODES for k in ("status", "message", *MODE_KEYS)), "torch_version", "threads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +88,11 @@ class Sweep:
     total_s: float | None = None  # the whole sweep's budget (--quick); a configuration gets at most what is left
     grad_checkpointing: bool = False  # training recomputes each layer's activations (Setup.grad_checkpointing)
     amp: bool = False  # autocast with fp32 weights (Setup.amp)
+    compile: bool = False  # torch.compile'd models, the compile time apart (Setup.compile)
 
     def setup(self, model: str, seq_len: int) -> Setup:
         return Setup(model, seq_len, self.batch_size, self.device, self.dtype, self.backend,
-                     grad_checkpointing=self.grad_checkpointing, amp=self.amp)
+                     grad_checkpointing=self.grad_checkpointing, amp=self.amp, compile=self.compile)
 
 
 # --quick: three lengths, short timing, 20 s per configuration and 150 s in all (published counts: closed form only).
@@ -201,6 +201,7 @@ class StepModel:
 
     def __init__(self):
         self.points: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self.compile_s: dict[tuple[str, str], float] = {}  # --compile: the last compile time, about the same per length
 
     def add(self, row: dict) -> None:
         for mode in MODES:
@@ -208,6 +209,8 @@ class StepModel:
             if row.get(f"{mode}_status") == "ok" and step and row.get("gmacs"):
                 macs = row["gmacs"] * 1e9 * row["batch_size"]
                 self.points.setdefault((row["model"], mode), []).append((macs, step / 1e3))
+            if row.get(f"{mode}_compile_s") is not None:
+                self.compile_s[row["model"], mode] = row[f"{mode}_compile_s"]
 
     def step_s(self, model: str, mode: str, macs: float) -> float | None:
         """This model's own steps if it has any; else the median MACs/s of the other models' largest steps."""
@@ -217,9 +220,12 @@ class StepModel:
         return macs / float(np.median(rates)) if rates else None
 
     def mode_s(self, model: str, mode: str, gmacs: float, batch_size: int, plan: Plan) -> float | None:
-        """Seconds of one mode: a fresh process, the warm-up and the timed steps of `plan`."""
+        """Seconds of one mode: a fresh process, compiling (--compile, as last measured), the warm-up and the timed
+        steps of `plan`."""
         step = self.step_s(model, mode, gmacs * 1e9 * batch_size)
-        return None if step is None else PROCESS_OVERHEAD_S + step * sum(plan.steps(step))
+        if step is None:
+            return None
+        return PROCESS_OVERHEAD_S + self.compile_s.get((model, mode), 0.0) + step * sum(plan.steps(step))
 
     def config_s(self, model: str, gmacs: float, batch_size: int, modes: tuple[str, ...], plan: Plan,
                  count_traces: int = 1) -> float | None:

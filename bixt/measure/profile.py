@@ -16,6 +16,11 @@ What is measured, and how (BIXT-FACTS.md section 5 lists the traps this avoids):
   moments and the gradients), and `*_act_mem_mib`, the first timed step over the memory held between steps
   (activations and workspace; training: also the gradients): the part that grows with the input, the one to fit a
   scaling exponent to.
+  Under --compile (`bixt.nn.compile.compile_model`, inductor) the model is compiled in the worker and its first
+  step, which traces and compiles (training: the forward and the backward), is timed alone as `*_compile_s` and
+  left out of everything else: the memory step is the next one, since compiling holds hundreds of MiB of host
+  memory (dynamo's and inductor's structures, the loaded kernels) that would swamp a small model's activations on
+  a CPU; so in training AdamW's moments, allocated by that first step, are not in `train_peak_mem_mib`.
 - Throughput: the first step (the memory one) and further steps until `warmup_s` has passed are warm-up; then at
   least `min_iters` timed steps, more until `target_s` has passed (at most `max_iters`); the median step time, with
   device synchronisation. Short steps are timed many times; long ones (seconds) twice.
@@ -50,7 +55,9 @@ from bixt.measure.flops import (
 )
 from bixt.measure.memory import PeakMemory, is_oom
 from bixt.models.registry import get_entry, model_config
+from bixt.nn.allocator import tune_allocator
 from bixt.nn.attention import BiDirectionalCrossAttention, auto_bidirectional, check_backend, resolve_backend
+from bixt.nn.compile import check_compile, compile_model
 from bixt.nn.precision import amp_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +70,8 @@ class Setup:
     """One configuration to measure. `backend` None: the model's own default. `overrides`: (field, value) pairs
     replacing config fields (e.g. a tiny model for tests). `grad_checkpointing`: training recomputes each layer's
     activations in backward (`Model.set_grad_checkpointing`). `amp`: the steps run under autocast (bf16; fp16 on a
-    GPU without bf16) with fp32 weights, unlike `dtype`, which casts the weights."""
+    GPU without bf16) with fp32 weights, unlike `dtype`, which casts the weights. `compile`: the model runs
+    torch.compile'd (inductor; the fused and triton attention kernels stay outside the graph)."""
 
     model: str
     seq_len: int
@@ -74,6 +82,7 @@ class Setup:
     overrides: tuple[tuple[str, Any], ...] = ()
     grad_checkpointing: bool = False
     amp: bool = False
+    compile: bool = False
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -155,6 +164,8 @@ def prepare(setup: Setup) -> Prepared:
                          "pass one of --amp and --dtype")
     if setup.amp:
         amp_dtype(torch.device(setup.device))  # a CPU without bf16: refused here, before any process starts
+    if setup.compile:
+        check_compile(setup.device)  # no C++ compiler (CPU) or triton (CUDA): refused before any process starts
     entry = get_entry(setup.model)
     overrides = dict(setup.overrides)
     has_backends = "attn_backend" in {f.name for f in dataclasses.fields(entry.config)}
@@ -175,8 +186,7 @@ def prepare(setup: Setup) -> Prepared:
         backend = resolve_backend(cfg.attn_backend, device, dtype)
         if cfg.attn_backend == "auto" and any(isinstance(m, BiDirectionalCrossAttention) for m in model.modules()):
             # The backend of an inference forward, the pass GMACs count (train steps may switch at other lengths).
-            tokens = setup.seq_len * (1 if device.type == "cuda" else setup.batch_size)
-            backend = auto_bidirectional(device, dtype, tokens, training=False) or backend
+            backend = auto_bidirectional(device, dtype, setup.batch_size, setup.seq_len, training=False) or backend
         count_backend = "sdpa" if backend == "xformers" else backend  # xformers runs the same two calls as sdpa
     params = sum(p.numel() for p in model.parameters())
     return Prepared(setup, entry.family, cfg, backend, count_backend, params, has_two_sided_attention(model))
@@ -311,16 +321,19 @@ def time_step(step, device: torch.device) -> float:
 def run_mode(prep: Prepared, mode: str, plan: Plan) -> dict:
     """Peak memory of the first step, then the timed steps; meant to run in a fresh process (see `measure`)."""
     s = prep.setup
+    # As `bixt train` does: memory reused for speed, handed back under checkpointing (bixt/nn/allocator.py).
+    allocator = tune_allocator(lean=s.grad_checkpointing and mode == "train")
     device, dtype = torch.device(s.device), DTYPES[s.dtype]
     torch.manual_seed(0)
     model = prep.build(prep.backend).to(device=device, dtype=dtype)
     x = model.tokenizer.example_input(s.batch_size, s.seq_len, device=device, dtype=dtype)
     model.set_grad_checkpointing(s.grad_checkpointing)  # acts in training only: inference keeps no activations
-    step = _step_fn(model, x, mode, s.amp)
+    step = _step_fn(compile_model(model) if s.compile else model, x, mode, s.amp)
 
     def timed() -> float:
         return time_step(step, device)
 
+    compile_s = timed() if s.compile else None  # compiling is lazy: the first step's time (see the docstring)
     with PeakMemory(device) as first:
         warm = timed()
     while warm < plan.warmup_s:
@@ -332,7 +345,8 @@ def run_mode(prep: Prepared, mode: str, plan: Plan) -> dict:
     step_s = statistics.median(times)
     return {"status": "ok", "message": "", "peak_mem_mib": first.peak_mib, "act_mem_mib": steady.peak_mib,
             "mem_method": first.method, "step_ms": step_s * 1e3, "samples_per_sec": s.batch_size / step_s,
-            "tokens_per_sec": s.batch_size * s.seq_len / step_s, "iters": len(times)}
+            "tokens_per_sec": s.batch_size * s.seq_len / step_s, "iters": len(times), "compile_s": compile_s,
+            "allocator": allocator}
 
 
 def _first_line(text: str) -> str:
@@ -424,9 +438,14 @@ def describe(prep: Prepared) -> dict:
     return {"model": s.model, "family": prep.family, "seq_len": s.seq_len,
             "img_size": math.isqrt(s.seq_len) * cfg.stride if cfg.modality == "image" else None,
             "batch_size": s.batch_size, "device": s.device, "dtype": s.dtype, "amp": s.amp,
-            "grad_checkpointing": s.grad_checkpointing, "backend": prep.backend or "-",
+            "grad_checkpointing": s.grad_checkpointing, "compile": s.compile, "backend": prep.backend or "-",
             "torch_version": torch.__version__, "threads": torch.get_num_threads(),
             "param_count": prep.param_count}
+
+
+# A mode's result columns, each prefixed with the mode; compile_s is None without --compile.
+MODE_KEYS = ("peak_mem_mib", "act_mem_mib", "samples_per_sec", "tokens_per_sec", "step_ms", "iters", "compile_s",
+             "allocator")
 
 
 def mode_columns(mode: str, result: dict | None) -> dict:
@@ -434,7 +453,7 @@ def mode_columns(mode: str, result: dict | None) -> dict:
     result = result or failure("not run", "")
     ok = result["status"] == "ok"
     cols = {f"{mode}_status": result["status"], f"{mode}_message": result.get("message", "")}
-    for key in ("peak_mem_mib", "act_mem_mib", "samples_per_sec", "tokens_per_sec", "step_ms", "iters"):
+    for key in MODE_KEYS:
         cols[f"{mode}_{key}"] = result.get(key) if ok else None
     return cols
 

@@ -13,7 +13,8 @@ Backends, chosen by name:
             (bixt/nn/fused.py). No attention dropout. One-way attention (latent self-attention) runs on sdpa.
   triton    the fused algorithm as Triton GPU kernels (bixt/nn/triton_attention.py), CUDA only (CPU tensors only
             under TRITON_INTERPRET=1). No attention dropout; one-way attention runs on sdpa.
-  auto      the fastest available for the tensor's device, dtype and length (`auto_bidirectional`).
+  auto      the fastest available for the tensor's device, dtype and shape (`auto_bidirectional`; on CPU the one
+            `bixt tune` measured fastest on this machine, bixt/nn/autotune.py).
 
 Token sharding (bixt/nn/sharding.py): with a `shard`, the tokens (keys) are this process's part of the samples'
 tokens and the latents' softmax runs over all processes' tokens; math and fused (CPU) compute it.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bixt.nn import autotune
 from bixt.nn.fused import fused_bidirectional_attention, fused_wins
 from bixt.nn.layers import split_heads
 from bixt.nn.sharding import TokenShard, check_shard_backend, softmax_over_shards
@@ -87,17 +89,23 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return name if name != "auto" else "sdpa"
 
 
-def auto_bidirectional(device: torch.device, dtype: torch.dtype, tokens: int, training: bool) -> str | None:
-    """The single-pass backend `auto` runs bi-directional attention on, or None for auto's one-way choice.
+def auto_bidirectional(device: torch.device, dtype: torch.dtype, batch: int, tokens: int,
+                       training: bool) -> str | None:
+    """The backend `auto` runs bi-directional attention on for `batch` samples of `tokens` tokens, or None for
+    auto's one-way choice (sdpa). `training`: whether a backward pass follows.
 
-    `tokens`: per sample (N) on CUDA, where triton is picked from `_TRITON_MIN_TOKENS`; in the batch (B x N) on
-    CPU, where fused is picked as `fused_wins` says. `training`: whether a backward pass follows."""
+    CUDA: triton from `_TRITON_MIN_TOKENS` tokens per sample. CPU, float32: the fastest of sdpa, math and fused at
+    the nearest shape `bixt tune` measured on this machine (`bixt.nn.autotune`); without that, fused where
+    `fused_wins` says (tokens in the batch), else sdpa."""
     if device.type == "cuda":
         if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not triton_available():
             return None
         least = _TRITON_MIN_TOKENS[training, dtype != torch.float32]
         return "triton" if least is not None and tokens >= least else None
-    return "fused" if fused_wins(device, dtype, tokens, training) else None
+    tuned = autotune.choose(training, batch, tokens, device.type) if dtype == torch.float32 else None
+    if tuned is not None:
+        return None if tuned == "sdpa" else tuned
+    return "fused" if fused_wins(device, dtype, batch * tokens, training) else None
 
 
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, key_padding_mask: Tensor | None,
@@ -161,8 +169,7 @@ def bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, 
     name = resolve_backend(backend, r_lat.device, r_lat.dtype)
     if backend == "auto" and not (drop_lat or drop_tok):
         training = torch.is_grad_enabled() and (r_lat.requires_grad or r_tok.requires_grad)
-        tokens = r_tok.shape[2] * (1 if r_lat.device.type == "cuda" else r_tok.shape[0])
-        name = auto_bidirectional(r_lat.device, r_lat.dtype, tokens, training) or name
+        name = auto_bidirectional(r_lat.device, r_lat.dtype, r_tok.shape[0], r_tok.shape[2], training) or name
     if name in ("fused", "triton"):
         if drop_lat or drop_tok:
             raise ValueError(f"the {name} attention backend has no attention dropout: use backend 'auto' or 'sdpa' "
@@ -258,8 +265,11 @@ class BiDirectionalCrossAttention(_CrossAttention):
         rv_tok = self.rv_tok(tokens)
         r_tok, v_tok = split_heads(rv_tok, 2, self.num_heads)
         p = self.attn_drop if self.training else 0.0
+        # Under torch.compile the split halves reach the (eager) fused kernel as graph outputs of their own, no longer
+        # views of rv_tok: it then takes their gradients apart.
+        packed = None if torch.compiler.is_compiling() else rv_tok
         lat, tok = bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale=self.scale, padding_mask=padding_mask,
-                                           dropout_p=(p, p), backend=self.backend, packed_tok=rv_tok,
+                                           dropout_p=(p, p), backend=self.backend, packed_tok=packed,
                                            shard=self.token_shard)
         lat = self.proj_drop(self.proj_lat(_merge_heads(lat)))
         if tok is not None:

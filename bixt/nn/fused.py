@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from bixt.nn.compile import eager_under_compile
 from bixt.nn.layers import check_padding_mask, split_heads
 from bixt.nn.sharding import TokenShard, all_reduce_, merge_online_softmax
 
@@ -81,10 +82,10 @@ def fused_macs(batch: int, heads: int, latents: int, tokens: int, head_dim: int,
 
 
 def fused_wins(device: torch.device, dtype: torch.dtype, tokens: int, training: bool) -> bool:
-    """Where `auto` picks this backend over sdpa: CPU, float32/64, and at least 4,096 tokens in the batch
-    (`tokens` = B x N) when a backward pass follows (`training`), 8,192 when not.
-
-    The crossover measured by `python benchmarks/bench_attention.py --crossover` (benchmarks/results/crossover.json).
+    """Where `auto` picks this backend over sdpa on a machine `bixt tune` has not measured (`bixt.nn.autotune`):
+    CPU, float32/64, and at least 4,096 tokens in the batch (`tokens` = B x N) when a backward pass follows
+    (`training`), 8,192 when not. Measured on a 2-core AMD EPYC by `python benchmarks/bench_attention.py
+    --crossover` (benchmarks/results/crossover.json); other processors differ, hence `bixt tune`.
     """
     return device.type == "cpu" and dtype in (torch.float32, torch.float64) and tokens >= _AUTO_MIN_TOKENS[training]
 
@@ -441,6 +442,7 @@ def _backward_pass(rl, r_tok, v_tok, mask, scale, C, grads, n_a, n_b, lat: Laten
         _store(grads["r_tok"], n0, n1, lambda out, ds=ds: torch.bmm(ds, rl, out=out), buf[2], accumulate)
 
 
+@eager_under_compile  # a kernel already: torch.compile leaves it out of the graph
 def fused_bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, v_tok: Tensor, scale: float,
                                   padding_mask: Tensor | None = None, chunk: int | None = None,
                                   packed_tok: Tensor | None = None,

@@ -40,25 +40,28 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
-# Tokens per chunk for a per-token residual branch run without autograd on a CPU: the branch's hidden activations
-# (chunk x 4 * dim floats, 3 MiB at dim 192) stay in cache instead of streaming 50 MiB tensors through memory at 16k
-# tokens. Measured on 2 CPU cores: the token MLP of BiXT-Ti at 16,384 tokens 1.8x faster, results bit-identical.
-# Not on a GPU: there each chunk is a handful of tiny kernel launches (BiXT-Ti's inference at 262,144 tokens on an
-# H200 took 2.4x its training step with chunks).
+# Rows (tokens, across the samples of a batch) per chunk for a per-token residual branch run without autograd on a
+# CPU: the branch's hidden activations (chunk x 4 * dim floats, 3 MiB at dim 192) stay in cache instead of streaming
+# 50 MiB tensors through memory, and the sum lands in place. Measured on 2 CPU cores (a token MLP with its LayerNorm,
+# dim 192): 1.5x faster over 32 x 196 or 16,384 tokens, 1.25x over 1,024; results bit-identical. Not on a GPU: there
+# each chunk is a handful of tiny kernel launches (BiXT-Ti's inference at 262,144 tokens on an H200 took 2.4x its
+# training step with chunks).
 TOKEN_CHUNK = 1024
 
 
 def add_per_token(x: Tensor, branch, training: bool) -> Tensor:
     """x + branch(x) for a branch that treats every token on its own (norm, MLP, layer scale).
 
-    In inference on a CPU (no autograd, module in eval) the sum is done in place, chunk by chunk along the tokens;
-    `x` must then be a tensor the caller owns. With autograd the plain sum is kept: in-place updates would clobber what
-    backward needs, and drop-path must draw one mask per sample, not per chunk.
+    In inference on a CPU (no autograd, module in eval) the sum is done in place, chunk by chunk along all the
+    batch's tokens (one chunk may span samples); `x` must then be a tensor the caller owns. With autograd the plain
+    sum is kept: in-place updates would clobber what backward needs, and drop-path must draw one mask per sample,
+    not per chunk.
     """
-    if training or torch.is_grad_enabled() or x.shape[1] <= TOKEN_CHUNK or x.device.type != "cpu":
+    if training or torch.is_grad_enabled() or x.device.type != "cpu":
         return x + branch(x)
-    for start in range(0, x.shape[1], TOKEN_CHUNK):
-        part = x[:, start:start + TOKEN_CHUNK]
+    rows = x.view(1, -1, x.shape[-1]) if x.is_contiguous() else x
+    for start in range(0, rows.shape[1], TOKEN_CHUNK):
+        part = rows[:, start:start + TOKEN_CHUNK]
         part.add_(branch(part))
     return x
 

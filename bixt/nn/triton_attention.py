@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bixt.nn.compile import eager_under_compile
 from bixt.nn.layers import check_padding_mask, split_heads
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -286,6 +287,7 @@ class TritonBiDirectionalAttention(torch.autograd.Function):
         return g_rlat, g_vlat, *g_tok, None, None
 
 
+@eager_under_compile  # Triton kernels already: torch.compile leaves them out of the graph
 def triton_bidirectional_attention(r_lat: Tensor, v_lat: Tensor | None, r_tok: Tensor, v_tok: Tensor, scale: float,
                                    padding_mask: Tensor | None = None,
                                    packed_tok: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

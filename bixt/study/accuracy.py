@@ -51,6 +51,7 @@ from bixt.measure.profile import (
     worker_failure,
 )
 from bixt.models.registry import count_params, get_entry
+from bixt.nn.allocator import tune_allocator
 from bixt.train import TrainConfig, rundir
 from bixt.train.build import build_for_data
 from bixt.train.config import data_recipe
@@ -347,4 +348,5 @@ def finish(rows: list[dict], out: Path) -> list[dict]:
 
 
 if __name__ == "__main__":  # the fresh process of `run_training`: one JSON line on stdout
+    tune_allocator()  # as `bixt train` in its own process: BIXT_MALLOC is inherited
     print(json.dumps(_worker(json.loads(sys.argv[1]))))

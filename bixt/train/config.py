@@ -31,6 +31,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0  # max gradient norm; None: no clipping
     amp: bool = False  # bf16 autocast on CUDA or a bf16-capable CPU (fp16 + loss scaling on CUDA without bf16)
     grad_checkpointing: bool = False  # recompute activations in the backward: less memory, same numbers
+    compile: bool = False  # torch.compile the training step (bixt.nn.compile): the first step compiles
     shard_tokens: int = 1  # processes sharing each sample's tokens (torchrun; bixt.nn.sharding)
     augment: bool = True
     train_samples: int | None = None  # a fixed subset of the training split (the same for every seed); None: all
@@ -59,6 +60,8 @@ class TrainConfig:
             if not ok:
                 name = message.split()[0].lstrip("-").replace("-", "_")
                 raise ValueError(f"{message}, got {getattr(self, name)}")
+        if self.compile and self.shard_tokens > 1:  # the sharded attention's collectives are not checked compiled
+            raise ValueError(f"--compile does not run with --shard-tokens {self.shard_tokens}: drop one of them")
         parse_spec(self.data)
 
     @property
@@ -84,8 +87,9 @@ def _check_finite(cfg: TrainConfig) -> None:
 CLI_FLOATS = ("lr", "weight_decay", "warmup_epochs")  # the float options `bixt train` has flags for
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Options that change no number a run computes: they may differ when resuming (gradient checkpointing trades
-# memory for a second forward of the same numbers, so a run may switch it on when it outgrows the memory).
-RESUME_FREE = ("device", "workers", "out", "grad_checkpointing")
+# memory for a second forward of the same numbers, so a run may switch it on when it outgrows the memory; compiling
+# changes the kernels, not the computation, up to float rounding).
+RESUME_FREE = ("device", "workers", "out", "grad_checkpointing", "compile")
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 

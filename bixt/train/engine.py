@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from bixt.data import Data
+from bixt.nn.compile import compile_model
 from bixt.train import rundir
 from bixt.train.config import TrainConfig
 from bixt.train.distributed import Dist, all_sum
@@ -178,7 +179,8 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Learner:
-    """The model and what an optimizer step needs. `net` runs the forward: the model, or DDP around it."""
+    """The model and what an optimizer step needs. `net` runs the training forward: the model, or DDP around it,
+    torch.compile'd under --compile; `model` is the plain module, which evaluation runs and checkpoints save."""
 
     model: nn.Module
     net: nn.Module
@@ -268,19 +270,26 @@ def build_learner(cfg: TrainConfig, model: nn.Module, steps: int, d: Dist, ignor
     # Gradients as views into DDP's buckets: no second copy of them (a model's size less at every step's peak).
     net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None,
                                               gradient_as_bucket_view=True) if d.active else model
+    if cfg.compile:  # DDP compiled whole, as torch recommends; evaluation stays eager: its last, smaller batch
+        net = compile_model(net)  # would compile a second graph for a pass that is a fraction of an epoch
     criterion = nn.CrossEntropyLoss(ignore_index=ignore_index, label_smoothing=cfg.label_smoothing)
     return Learner(model, net, opt, sched, scaler, criterion, amp_dtype, cfg.clip_grad, d)
 
 
 @dataclass
 class Throughput:
-    """Training samples/s of this session, evaluation left out."""
+    """Training samples/s of this session, evaluation left out, and under --compile the wall time of the session's
+    first step, which compiles the forward and the backward: `compile_s`, kept out of samples and seconds."""
 
     samples: int = 0
     seconds: float = 0.0
+    compile_s: float | None = None
+    compile_samples: int = 0
 
     @property
     def per_second(self) -> float:
+        if not self.samples and self.compile_s:  # the compiling step was the session's only one
+            return self.compile_samples / self.compile_s
         return self.samples / max(self.seconds, 1e-9)
 
 
@@ -296,7 +305,9 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
     batches = epoch_batches(len(data.train), cfg.batch_size, state.epoch, cfg.seed, d)[state.step:]
     finished = True
     dense = data.task == "segment"
+    compiling = cfg.compile and speed.compile_s is None
     for x, y in loader(data.train, batches, data.workers, d.device):
+        step_start = time.perf_counter()
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with learner.autocast():
             logits = predict(learner.net, x, data.pad_id)
@@ -320,7 +331,12 @@ def train_one_epoch(cfg: TrainConfig, learner: Learner, data: Data, state: Train
         if all_sum(d, [float(problem is not None)])[0]:
             raise _diverged_update(problem, state, Path(cfg.out) / rundir.LAST)
         state.record_step(stats)
-        speed.samples += int(stats.inputs)
+        if compiling:  # the check of the weights after the update has synchronised the device
+            speed.compile_s, speed.compile_samples = time.perf_counter() - step_start, int(stats.inputs)
+            started += speed.compile_s
+            compiling = False
+        else:
+            speed.samples += int(stats.inputs)
         report.step(state)
         if on_step is not None:
             on_step(state.epoch, state.step, learner.model)

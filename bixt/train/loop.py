@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from bixt.data import Data, parse_spec, take
+from bixt.nn.allocator import tune_allocator
+from bixt.nn.compile import check_compile
 from bixt.train import distributed as dist_
 from bixt.train import rundir
 from bixt.train.build import build_for_data, build_model, resolve_model
@@ -47,9 +49,10 @@ class TrainResult:
     last: dict  # the last metrics row ({} when no epoch finished)
     params: int
     seconds: float  # training time, all sessions of the run together
-    samples_per_s: float
+    samples_per_s: float  # this session's; under --compile its first (compiling) step is left out
     signal: int = 0  # the signal that interrupted the run
     main: bool = True  # False on the other processes of a torchrun job
+    compile_s: float | None = None  # --compile: this session's first step, which compiled (in its epoch's seconds)
 
 
 def train(options: dict | TrainConfig | None = None, *, config_file: str | Path | None = None,
@@ -116,13 +119,15 @@ def _result(run: Path, signum: int, state: TrainState, model: nn.Module, speed: 
     return TrainResult(run, "interrupted" if signum else "finished", len(state.history), max(state.best_acc, 0.0),
                        state.best_epoch, state.history[-1] if state.history else {},
                        sum(p.numel() for p in model.parameters()), state.train_seconds + state.epoch_seconds,
-                       speed.per_second, signum, d.main)
+                       speed.per_second, signum, d.main, speed.compile_s)
 
 
 def _fit(cfg: TrainConfig, d: Dist) -> tuple[TrainConfig, object, Data, int]:
     """The checks that need the processes or the data; the config with its model named and sized for the data;
     the model config, the data, and the optimizer steps per epoch."""
     amp_dtype_for(cfg.amp, d.device)  # a CPU without bf16 refuses --amp here, before the run folder is made
+    if cfg.compile:
+        check_compile(d.device)  # likewise no C++ compiler (CPU) or triton (CUDA)
     if cfg.batch_size % d.data_world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {d.data_world} data-parallel processes: "
                          f"use a multiple of {d.data_world}")
@@ -146,6 +151,7 @@ def _checkpoint_activations(model: nn.Module, name: str) -> None:
     if not callable(getattr(model, "set_grad_checkpointing", None)):
         raise ValueError(f"{name} has no gradient checkpointing (set_grad_checkpointing): drop --grad-checkpointing")
     model.set_grad_checkpointing(True)
+    tune_allocator(lean=True)  # the resident set follows what is live, or it keeps most of what checkpointing saves
 
 
 def _load_checkpoint(cfg: TrainConfig, model: nn.Module) -> dict:

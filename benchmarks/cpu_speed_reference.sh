@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The CPU speed reference (benchmarks/results/README.md): BiXT-Ti/16 against the authors' formulation under bixt's
+# allocator setting and under glibc's defaults, bf16 autocast and torch.compile, gradient checkpointing's memory.
+# First `bixt tune` caches this machine's fastest attention backend per shape (its check: auto against the best
+# single backend at shapes it was not tuned on), so `ours` runs with auto as tuned here. About 45 minutes on 2
+# cores; run it with nothing else on the machine. TAG names the machine in the file names (default: xeon).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TAG=${TAG:-xeon}
+R=benchmarks/results
+
+bixt tune --out "$R/tune_${TAG}_2t.json" > "$R/tune_${TAG}_2t.txt"
+
+python benchmarks/bench_authors.py --allocator tuned --repeats 3 --out "$R/authors_${TAG}_tuned.json"
+python benchmarks/bench_authors.py --allocator glibc --runs authors ours --repeats 2 --no-gemm \
+    --out "$R/authors_${TAG}_glibc.json"
+python benchmarks/bench_authors.py --allocator tuned --runs authors ours_compile --repeats 1 --no-gemm \
+    --out "$R/authors_${TAG}_compile.json"
+
+# Gradient checkpointing's memory at 16,384 tokens: each under the allocator setting bixt picks for it.
+for gc in "" "--grad-checkpointing"; do
+    bixt profile --model bixt_ti_l64_p16 --seq-len 16384 --mode train --quick --json $gc
+done > "$R/checkpointing_${TAG}.jsonl"

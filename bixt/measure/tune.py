@@ -1,0 +1,167 @@
+"""`bixt tune`: the fastest bi-directional attention backend per shape on this machine's CPU, cached for `auto`.
+
+For each shape of a ladder of (batch, tokens) shapes, the sdpa, math and fused backends of `bidirectional_attention`
+run round-robin in this process (repeat 1 of each, then repeat 2, ..., every other round reversed), so a change in
+the machine's load hits them alike; the median time is kept. Two modes: `train` is forward + backward with inputs
+that require gradients, `infer` a forward under inference mode. float32, H x M x d_h of BiXT-Ti (6 x 64 x 32) by
+default. The fastest backend per shape is cached (`bixt.nn.autotune`); `auto` takes the one of the nearest
+measured shape.
+
+The check (`check`, run by `tune` after it caches): a second, independent measurement at shapes off the ladder
+(and two on it), where `auto_over_best` is the time of auto's choice over the best single backend's: what `auto` is
+worth at shapes it was not tuned on.
+
+Other work on the cores scatters every timing, and not evenly (on a 2-core Xeon shared with another job, fused
+gained on sdpa), so a tuning on a busy machine does not hold on an idle one: the load average is recorded and a
+busy machine warned about.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from bixt.measure.profile import time_step
+from bixt.nn import autotune
+from bixt.nn.attention import bidirectional_attention
+
+BACKENDS = ("sdpa", "math", "fused")
+MODES = {"train": True, "infer": False}
+# (batch, tokens): batch 1 up the ladder, and the batched shapes of BiXT-Ti at 224 px (196 tokens) and above.
+LADDER = ((1, 256), (1, 1024), (8, 196), (1, 2048), (1, 3072), (1, 4096), (32, 196), (1, 6144), (1, 8192),
+          (16, 576), (1, 12288), (1, 16384), (8, 3136), (1, 32768), (1, 65536))
+QUICK_LADDER = ((1, 256), (4, 196), (1, 2048))
+# Shapes off the ladder (and two on it) for the check: where auto's nearest-shape choice is put to the test.
+CHECK_LADDER = ((2, 1024), (64, 196), (4, 576), (1, 5120), (32, 196), (2, 8192), (1, 24576))
+QUICK_CHECK_LADDER = ((2, 512),)
+REPEATS, QUICK_REPEATS = 9, 2  # 9: 35 s on an idle 2-core Xeon, 85 s on a busy one
+
+Progress = Callable[[int, int, str], None]
+
+
+def _inputs(B: int, H: int, M: int, N: int, d: int, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(B, H, L, d, generator=g).requires_grad_(grad) for L in (M, M, N, N)]
+    return x, [torch.randn(B, H, M, d, generator=g), torch.randn(B, H, N, d, generator=g)]
+
+
+def make_step(backend: str, shape: tuple[int, int, int, int, int], training: bool) -> Callable[[], None]:
+    """One call of the backend on fixed inputs: forward + backward (`training`) or an inference-mode forward."""
+    x, cot = _inputs(*shape, grad=training)
+    if not training:
+        def infer():
+            with torch.inference_mode():
+                bidirectional_attention(*x, backend=backend)
+        return infer
+
+    def train():
+        out = bidirectional_attention(*x, backend=backend)
+        torch.autograd.grad(out, x, cot)
+    return train
+
+
+def time_shape(shape: tuple[int, int, int, int, int], training: bool, repeats: int) -> dict:
+    """Median seconds per backend, round-robin after one warm-up call each; under "min", the fastest call of each
+    (less sensitive to other work on the machine, kept for comparison)."""
+    steps = {b: make_step(b, shape, training) for b in BACKENDS}
+    cpu = torch.device("cpu")
+    for step in steps.values():
+        step()
+    times = {b: [] for b in BACKENDS}
+    for i in range(repeats):
+        # every other round in reverse, so that no backend always runs right after the same one (warm caches)
+        for b in BACKENDS[:: -1 if i % 2 else 1]:
+            times[b].append(time_step(steps[b], cpu))
+    return {**{b: statistics.median(t) for b, t in times.items()}, "min": {b: min(t) for b, t in times.items()}}
+
+
+def measure(heads: int = 6, latents: int = 64, head_dim: int = 32, lengths=LADDER, repeats: int = REPEATS,
+            progress: Progress | None = None) -> dict[str, list[dict]]:
+    """{mode: rows}, each row a shape's median seconds per backend (and their minimum, under "min")."""
+    table = {mode: [] for mode in MODES}
+    total, done = len(lengths) * len(MODES), 0
+    for B, N in lengths:
+        for mode, training in MODES.items():
+            if progress:
+                progress(done, total, f"{mode} {B} x {N}")
+            med = time_shape((B, heads, latents, N, head_dim), training, repeats)
+            table[mode].append({"batch": B, "tokens": N, "batch_tokens": B * N, **med})
+            done += 1
+    if progress:
+        progress(done, total, "done")
+    return table
+
+
+def best(row: dict) -> str:
+    return min(BACKENDS, key=lambda b: row[b])
+
+
+def choices(table: dict[str, list[dict]]) -> dict[bool, autotune.Choices]:
+    """The fastest backend per measured shape, by whether a backward pass follows."""
+    return {MODES[mode]: tuple((r["batch"], r["tokens"], best(r)) for r in rows) for mode, rows in table.items()}
+
+
+def judged(table: dict[str, list[dict]], chosen: dict[bool, autotune.Choices]) -> dict[str, list[dict]]:
+    """Rows with the backend `auto` picks there from `chosen` and its time over the best single backend's."""
+    out = {}
+    for mode, rows in table.items():
+        out[mode] = []
+        for r in rows:
+            pick = autotune.nearest(chosen[MODES[mode]], r["batch"], r["tokens"])
+            out[mode].append({**r, "chosen": pick, "best": best(r), "auto_over_best": r[pick] / r[best(r)]})
+    return out
+
+
+def tune(heads: int = 6, latents: int = 64, head_dim: int = 32, lengths=LADDER, repeats: int = REPEATS,
+         progress: Progress | None = None, write_cache: bool = True, check_lengths=CHECK_LADDER) -> dict:
+    """Measure, cache the fastest backend per shape for this machine (unless `write_cache` is False), then check
+    auto's choices on a second measurement (`check_lengths`; none: no check). The result: per-mode rows (seconds
+    per backend, the fastest), the check's rows (auto's choice, auto_over_best), machine key, cache file, load."""
+    load = [load_average()]
+    table = measure(heads, latents, head_dim, lengths, repeats, progress)
+    chosen = choices(table)
+    how = (f"bixt tune: H={heads}, M={latents}, d_h={head_dim}, float32, medians of {repeats} round-robin calls "
+           f"at {len(lengths)} shapes from {min(b * n for b, n in lengths)} to {max(b * n for b, n in lengths)} "
+           "tokens in the batch")
+    path = autotune.store(chosen, how) if write_cache else None
+    checked = judged(measure(heads, latents, head_dim, check_lengths, repeats, progress), chosen) \
+        if check_lengths else {}
+    load.append(load_average())
+    worst = max((r["auto_over_best"] for rs in checked.values() for r in rs), default=None)
+    return {"machine": autotune.machine_key(), "heads": heads, "latents": latents, "head_dim": head_dim,
+            "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "rows": judged(table, chosen), "check": checked, "worst_auto_over_best_in_check": worst,
+            "how": how, "cache": None if path is None else str(path),
+            "load_average": {"before": load[0], "after": load[1], "cores": cores()}}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: other work on the cores inflates and scatters every timing."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def busy(load: float | None) -> bool:
+    """Whether other work held more than half a core on average over the last minute (before tuning starts)."""
+    return load is not None and load > 0.5
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def current() -> dict:
+    """What `auto` uses on this machine now (the cached choices, or the built-in thresholds) and its source."""
+    from bixt.nn.fused import _AUTO_MIN_TOKENS  # the built-in fallback of auto_bidirectional
+
+    entry, path = autotune.lookup(), autotune.cache_path()
+    source = "cache" if entry is not None else ("built-in (BIXT_NO_TUNE_CACHE set)" if autotune.disabled()
+                                                else "built-in (no entry for this machine)")
+    return {"machine": autotune.machine_key(), "cache": str(path), "source": source,
+            "choices": None if entry is None else {m: [list(c) for c in entry[t]] for m, t in MODES.items()},
+            "builtin_fused_from": {m: _AUTO_MIN_TOKENS[t] for m, t in MODES.items()},
+            "entry": autotune.entry_info() if entry is not None else None}

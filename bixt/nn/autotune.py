@@ -1,0 +1,187 @@
+"""This machine's fastest bi-directional attention backend per shape on CPU, measured by `bixt tune`, read by `auto`.
+
+Which backend wins moves with the processor, its thread count and torch's kernels, and with the shape, not only
+with the tokens in the batch: on a 2-core Xeon, fused beats sdpa from 3,072 tokens of one sample in training, yet
+loses at 32 x 196 = 6,272, where math beats both. So `bixt tune` times sdpa, math and fused over a ladder of
+(batch, tokens) shapes and stores the fastest per shape; `auto` takes the choice of the measured shape nearest to
+its own (distance in log2 of the batch's tokens plus log2 of the sample's), and without an entry falls back to
+`bixt.nn.fused.fused_wins`' built-in thresholds.
+
+The cache is one JSON file (never a pickle: it is read on every machine that imports bixt): `tune.json` in
+`$BIXT_CACHE_DIR`, else `$XDG_CACHE_HOME/bixt`, else `~/.cache/bixt`. It holds one entry per machine key (CPU model,
+torch threads, torch major.minor, device type), so a home directory shared between machines keeps each one's own.
+`BIXT_NO_TUNE_CACHE=1` ignores it (reproducible tests and CI). A file that cannot be read or parsed never stops a
+model: it is ignored with one warning, and `bixt tune` rewrites it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+FILE = "tune.json"
+VERSION = 2
+BACKENDS = ("sdpa", "math", "fused")
+MODES = {True: "train", False: "infer"}  # JSON keys of the choices, by whether a backward pass follows
+Choices = tuple[tuple[int, int, str], ...]  # (batch, tokens per sample, fastest backend) per measured shape
+
+
+def cache_path() -> Path:
+    root = os.environ.get("BIXT_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = os.path.join(xdg, "bixt") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "bixt")
+    return Path(root) / FILE
+
+
+def disabled() -> bool:
+    return os.environ.get("BIXT_NO_TUNE_CACHE", "") not in ("", "0")
+
+
+@functools.cache
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def machine_key(device_type: str = "cpu") -> str:
+    """What a measured crossover holds for: threads are read now, as a process may change them after import."""
+    torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch_version} | {device_type}"
+
+
+def _choices(rows) -> Choices:
+    out = []
+    for row in rows:
+        batch, tokens, backend = row
+        if backend not in BACKENDS or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                          for v in (batch, tokens)):
+            raise ValueError(f"a choice must be [batch, tokens, one of {', '.join(BACKENDS)}], got {row!r}")
+        out.append((batch, tokens, backend))
+    if not out:
+        raise ValueError("an entry without measured shapes")
+    return tuple(out)
+
+
+def _parse(text: bytes) -> dict[str, dict[bool, Choices]]:
+    data = json.loads(text)
+    if not isinstance(data, dict) or not isinstance(data.get("machines"), dict):
+        raise ValueError("no 'machines' object")
+    if data.get("version") != VERSION:
+        raise ValueError(f"version {data.get('version')!r}, this bixt reads version {VERSION}")
+    return {key: {training: _choices(entry["choices"][mode]) for training, mode in MODES.items()}
+            for key, entry in data["machines"].items()}
+
+
+@functools.cache  # read once per process (and path); `clear()` after writing it or in tests
+def _read(path: str) -> dict[str, dict[bool, Choices]]:
+    try:
+        with open(path, "rb") as f:
+            text = f.read()  # bytes: json decodes them, so undecodable ones are one more parse error below
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        return _ignored(path, e.strerror or str(e))
+    try:
+        return _parse(text)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        return _ignored(path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _ignored(path: str, problem: str) -> dict:
+    warnings.warn(f"ignoring the attention tune cache {path} ({problem}): run `bixt tune` to rewrite it, "
+                  "or delete it", RuntimeWarning, stacklevel=3)
+    return {}
+
+
+def clear() -> None:
+    """Forget what was read, so the next lookup reads the file again."""
+    _read.cache_clear()
+    _entry.cache_clear()
+
+
+def lookup(device_type: str = "cpu") -> dict[bool, Choices] | None:
+    """This machine's measured choices {training: ((batch, tokens, backend), ...)}, or None when the cache has no
+    entry for it (or is disabled)."""
+    if disabled():
+        return None
+    env = os.environ
+    return _entry(env.get("BIXT_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"), torch.get_num_threads(),
+                  device_type)
+
+
+@functools.cache  # auto asks on every attention call: a few dictionary lookups, not a path and key built anew
+def _entry(cache_dir, xdg, home, threads: int, device_type: str) -> dict[bool, Choices] | None:
+    return _read(str(cache_path())).get(machine_key(device_type))
+
+
+def nearest(choices: Choices, batch: int, tokens: int) -> str:
+    """The backend measured fastest at the shape nearest to (batch, tokens): log2 distance in the batch's tokens
+    plus in the sample's, ties to the earlier shape."""
+    def distance(row: tuple[int, int, str]) -> float:
+        b, n, _ = row
+        return abs(math.log2(b * n) - math.log2(batch * tokens)) + abs(math.log2(n) - math.log2(tokens))
+    return min(choices, key=distance)[2]
+
+
+def choose(training: bool, batch: int, tokens: int, device_type: str = "cpu") -> str | None:
+    """The backend `auto` runs bi-directional attention on for this shape, or None without a cache entry."""
+    entry = lookup(device_type)
+    return None if entry is None else nearest(entry[training], batch, tokens)
+
+
+def store(choices: dict[bool, Choices], how: str, device_type: str = "cpu") -> Path:
+    """Write this machine's choices into the cache (other machines' entries kept); returns the file."""
+    path = cache_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        machines = data["machines"] if isinstance(data, dict) and isinstance(data.get("machines"), dict) else {}
+        machines = machines if data.get("version") == VERSION else {}  # an older layout: this write replaces it
+    except (OSError, ValueError):
+        machines = {}  # missing or corrupt: this write replaces it
+    machines[machine_key(device_type)] = {
+        "choices": {mode: [list(c) for c in _choices(choices[t])] for t, mode in MODES.items()},
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "how": how, "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": device_type}
+    _write_atomic(path, json.dumps({"version": VERSION, "machines": machines}, indent=2) + "\n")
+    clear()
+    return path
+
+
+def entry_info(device_type: str = "cpu") -> dict | None:
+    """This machine's raw cache entry (when and how it was measured), or None."""
+    try:
+        return json.loads(cache_path().read_text(encoding="utf-8"))["machines"][machine_key(device_type)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A reader (another process importing bixt) sees the old file or the new one, never half of it.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
