@@ -36,6 +36,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from authors_bixt import AuthorsBiXT  # noqa: E402
+from authors_table import table  # noqa: E402
 
 from bixt.io.atomic import atomic_write  # noqa: E402
 from bixt.measure.flops import analytic_macs  # noqa: E402
@@ -242,7 +243,7 @@ def main() -> None:
             if args.out:  # written after every row: an interrupted run keeps what it finished
                 atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
             print_row(row)
-    print_table(result)
+    print(table(result))  # the markdown of benchmarks/results/README.md
 
 
 def _cpu_name() -> str:
@@ -263,31 +264,6 @@ def print_row(row: dict) -> None:
         if r and "step_s" in r and "step_s" in a:
             bits.append(f"{run} {r['step_s'] * 1e3:.0f} ms ({a['step_s'] / r['step_s']:.2f}x)")
     console.print(f"{row['tokens']} x{row['batch']} {row['mode']}: " + ", ".join(bits))
-
-
-def print_table(result: dict) -> None:
-    t = Table(title="BiXT-Ti/16: ours against the authors' formulation (median of fresh processes, "
-                    f"{result['allocator']} allocator)")
-    for col in ("tokens", "mode", "batch", "run", "step ms", "speed-up", "peak MiB", "GFLOP/s", "of GEMM peak",
-                "of Linear"):
-        t.add_column(col, justify="right")
-    for row in result["rows"]:
-        a, g = row.get("authors", {}), row.get("gemm", {})
-        for run in RUNS:
-            r = row.get(run)
-            if not r:
-                continue
-            if "error" in r:
-                t.add_row(str(row["tokens"]), row["mode"], str(row["batch"]), run, r["error"][:40], "", "", "", "",
-                          "")
-                continue
-            tag = "bf16" if run.endswith("bf16") else "fp32"
-            peak, lin = g.get(f"gemm2048_{tag}_gflops"), g.get(f"linear_{tag}_gflops")
-            t.add_row(str(row["tokens"]), row["mode"], str(row["batch"]), run, f"{r['step_s'] * 1e3:.1f}",
-                      f"{a['step_s'] / r['step_s']:.2f}x" if "step_s" in a else "-", f"{r['peak_mib']:.0f}",
-                      f"{r['gflops']:.0f}", f"{r['gflops'] / peak:.0%}" if peak else "-",
-                      f"{r['gflops'] / lin:.0%}" if lin else "-")
-    console.print(t)
 
 
 def print_profiles(args) -> None:
