@@ -3,6 +3,7 @@ conditions: step time, peak memory, achieved GFLOP/s, and where this machine's l
 
     python benchmarks/bench_authors.py                 # 196 tokens (batch 32), 1,024, 4,096, 16,384 (batch 1)
     python benchmarks/bench_authors.py --lengths 196 --modes train --profile    # where the time goes, op by op
+    python benchmarks/bench_authors.py --lengths 4096 --modes train --same-process   # each backend of ours, A/B
 
 Runs: `authors` (their formulation, fp32), `ours` (this project's model, default backend, fp32), `ours_bf16` (ours
 under bf16 autocast, as `--amp`), `ours_compile` (ours under torch.compile; compilation is timed apart).
@@ -183,6 +184,27 @@ def profile_ops(step, top: int = 25) -> dict:
             "total_ms": sum(e.self_cpu_time_total for e in rows) / 1e3 / 3}
 
 
+def same_process(tokens: int, mode: str, repeats: int) -> dict[str, float]:
+    """Median ms of the authors' step and of ours on each backend, all in this process, round-robin: differences
+    smaller than the spread between fresh processes show here (both models live, so absolute times run higher)."""
+    tune_allocator()
+    ours, theirs = models(tokens)
+    side = 16 * math.isqrt(tokens)
+    x = torch.randn(batch_for(tokens), 3, side, side)
+    runs = {"authors": (theirs, None), **{f"ours_{b}": (ours, b) for b in ("auto", "math", "sdpa", "fused")}}
+    steps = {name: step_fn(model, x, mode, bf16=False) for name, (model, _) in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(repeats + 2):  # two warm-up rounds
+        for name, (model, backend) in runs.items():
+            if backend is not None:
+                model.set_backend(backend)
+            t0 = time.perf_counter()
+            steps[name]()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def run_fresh(job: dict) -> dict:
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
@@ -214,6 +236,8 @@ def main() -> None:
                    help="glibc's malloc in every process: bixt's setting (bixt.nn.allocator) or glibc's defaults")
     p.add_argument("--no-gemm", action="store_true", help="skip the machine-limit rows")
     p.add_argument("--profile", action="store_true", help="per-op breakdown (torch.profiler) instead of timing")
+    p.add_argument("--same-process", action="store_true",
+                   help="the authors' and ours on each backend in one process, round-robin (--repeats rounds)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -222,6 +246,13 @@ def main() -> None:
         return
     if args.profile:
         return print_profiles(args)
+    if args.same_process:
+        for tokens in args.lengths:
+            for mode in args.modes:
+                ms = same_process(tokens, mode, max(args.repeats, 3))
+                console.print(f"{tokens} x{batch_for(tokens)} {mode}, one process, median ms: "
+                              + ", ".join(f"{k} {v:.0f}" for k, v in ms.items()))
+        return
     result = {"machine": {"cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__,
                           "python": platform.python_version()}, "allocator": args.allocator,
               "command": " ".join(["python", "benchmarks/bench_authors.py", *sys.argv[1:]]), "rows": []}
