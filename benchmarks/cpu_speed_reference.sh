@@ -2,7 +2,7 @@
 # The CPU speed reference (benchmarks/results/README.md): BiXT-Ti/16 against the authors' formulation under bixt's
 # allocator setting and under glibc's defaults, bf16 autocast and torch.compile, gradient checkpointing's memory.
 # First `bixt tune` caches this machine's fastest attention backend per shape (its check: auto against the best
-# single backend at shapes it was not tuned on), so `ours` runs with auto as tuned here. About 45 minutes on 2
+# single backend at shapes it was not tuned on), so `ours` runs with auto as tuned here. About 20 minutes on 2
 # cores; run it with nothing else on the machine. TAG names the machine in the file names (default: xeon).
 set -euo pipefail
 cd "$(dirname "$0")/.."
