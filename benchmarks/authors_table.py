@@ -36,13 +36,10 @@ def table(result: dict) -> str:
             peak, lin = g.get(f"gemm2048_{tag}_gflops"), g.get(f"linear_{tag}_gflops")
             speed = f"{a['step_s'] / r['step_s']:.2f}x" if "step_s" in a else "-"
             bound = f"{lin / r['gflops']:.2f}x" if lin and run == "authors" else ""
-            lines.append(f"| {row['tokens']:,} | {row['mode']} | {row['batch']} | {run} | {r['step_s'] * 1e3:,.1f} | "
-                         f"{speed} | {r['peak_mib']:,.0f} | {r['gflops']:.0f} | "
-                         f"{r['gflops'] / peak:.0%} | {r['gflops'] / lin:.0%} | {bound} |" if peak and lin else
-                         f"| {row['tokens']:,} | {row['mode']} | {row['batch']} | {run} | {r['step_s'] * 1e3:,.1f} | "
-                         f"{speed} | {r['peak_mib']:,.0f} | {r['gflops']:.0f} | - | - | |")
-            if r.get("compile_s") is not None:
-                lines[-1] = lines[-1].replace(f"| {run} |", f"| {run} (compiled in {r['compile_s']:.0f} s) |", 1)
+            shares = f"{r['gflops'] / peak:.0%} | {r['gflops'] / lin:.0%}" if peak and lin else "- | -"
+            name = run if r.get("compile_s") is None else f"{run} (compiled in {r['compile_s']:.0f} s)"
+            lines.append(f"| {row['tokens']:,} | {row['mode']} | {row['batch']} | {name} | {r['step_s'] * 1e3:,.1f} | "
+                         f"{speed} | {r['peak_mib']:,.0f} | {r['gflops']:.0f} | {shares} | {bound} |")
         if g:
             lines.append(f"| {row['tokens']:,} | {row['mode']} | {row['batch']} | machine | fp32 GEMM "
                          f"{g['gemm2048_fp32_gflops']:.0f}, bf16 GEMM {g['gemm2048_bf16_gflops']:.0f}; Linear fp32 "

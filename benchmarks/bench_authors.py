@@ -45,6 +45,7 @@ from bixt.measure.memory import PeakMemory  # noqa: E402
 from bixt.models.official import bixt_to_official  # noqa: E402
 from bixt.models.registry import create_model, get_entry  # noqa: E402
 from bixt.nn.allocator import tune_allocator  # noqa: E402
+from bixt.nn.autotune import cpu_model  # noqa: E402
 
 RUNS = ("authors", "ours", "ours_bf16", "ours_compile")
 MODEL = "bixt_ti_l64_p16"
@@ -253,7 +254,7 @@ def main() -> None:
                 console.print(f"{tokens} x{batch_for(tokens)} {mode}, one process, median ms: "
                               + ", ".join(f"{k} {v:.0f}" for k, v in ms.items()))
         return
-    result = {"machine": {"cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__,
+    result = {"machine": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
                           "python": platform.python_version()}, "allocator": args.allocator,
               "command": " ".join(["python", "benchmarks/bench_authors.py", *sys.argv[1:]]), "rows": []}
     for tokens in args.lengths:
@@ -275,16 +276,6 @@ def main() -> None:
                 atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
             print_row(row)
     print(table(result))  # the markdown of benchmarks/results/README.md
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_row(row: dict) -> None:

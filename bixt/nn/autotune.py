@@ -130,6 +130,7 @@ def _entry(cache_dir, xdg, home, threads: int, device_type: str) -> dict[bool, C
     return _read(str(cache_path())).get(machine_key(device_type))
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every attention call, with the few shapes a run has
 def nearest(choices: Choices, batch: int, tokens: int) -> str:
     """The backend measured fastest at the shape nearest to (batch, tokens): log2 distance in the batch's tokens
     plus in the sample's, ties to the earlier shape."""
