@@ -22,6 +22,8 @@ def tune(
                                                     "nothing."),
     repeats: int = typer.Option(None, "--repeats", help="Timed calls per backend and shape (median); default 9, "
                                                         "2 with --quick."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16: the attention under --amp (bf16 autocast), "
+                                                      "tuned and cached apart."),
 ):
     """Time the sdpa, math and fused attention backends at 15 shapes from 256 to 65,536 tokens on this CPU, cache
     the fastest per shape for `auto` on this machine, then check auto's choices on a second measurement at shapes
@@ -33,6 +35,7 @@ def tune(
         return
     if repeats is not None and repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}: e.g. --repeats 9")
+    torch_dtype = t.tuned_dtype(dtype)
     lengths, check = (t.QUICK_LADDER, t.QUICK_CHECK_LADDER) if quick else (t.LADDER, t.CHECK_LADDER)
     repeats = repeats or (t.QUICK_REPEATS if quick else t.REPEATS)
     load = t.load_average()
@@ -50,12 +53,14 @@ def tune(
             bar.update(task, completed=offset[0] + (0 if label == "done" else done), description=label)
 
         result = t.tune(lengths=lengths, repeats=repeats, progress=progress, write_cache=not no_cache,
-                        check_lengths=check)
+                        check_lengths=check, dtype=torch_dtype)
     for mode in t.MODES:
         console.print(_table(f"{mode}: tuned", mode, result["rows"][mode]))
-    for mode in t.MODES:
-        console.print(_table(f"{mode}: check, a second measurement", mode, result["check"][mode]))
-    console.print(f"worst auto / best in the check: {result['worst_auto_over_best_in_check']:.3f}", highlight=False)
+    for mode, rows in result["check"].items():  # none where the check ladder is empty
+        console.print(_table(f"{mode}: check, a second measurement", mode, rows))
+    if result["worst_auto_over_best_in_check"] is not None:
+        console.print(f"worst auto / best in the check: {result['worst_auto_over_best_in_check']:.3f}",
+                      highlight=False)
     if out is not None:
         from bixt.io.atomic import atomic_write
 
@@ -81,16 +86,23 @@ def _table(title: str, mode: str, rows: list[dict]) -> Table:
 
 
 def _show(info: dict) -> None:
-    console.print(f"machine: {escape(info['machine'])}", highlight=False)
-    console.print(f"source: {info['source']}; cache file {escape(info['cache'])}", highlight=False)
-    if info["choices"] is None:
-        fused = info["builtin_fused_from"]
-        console.print(f"auto: fused from {fused['train']:,} tokens in the batch with a backward pass, from "
-                      f"{fused['infer']:,} without; sdpa below", highlight=False)
-        return
-    for mode, rows in info["choices"].items():
-        console.print(f"auto, {mode}: " + ", ".join(f"{b} x {n}: {backend}" for b, n, backend in rows),
-                      highlight=False)
-    entry = info["entry"] or {}
-    console.print(f"measured {entry.get('measured_at', '?')} by {escape(str(entry.get('how', '?')))}",
-                  highlight=False)
+    console.print(f"cache file {escape(info['cache'])}", highlight=False)
+    for name, now in info["dtypes"].items():
+        console.print(f"{name}: machine {escape(now['machine'])}; source: {now['source']}", highlight=False)
+        if now["choices"] is None and name == "bf16":
+            rule = info["builtin_bf16"]
+            console.print(f"  auto: with a backward pass math below {rule['train_math_below']:,} tokens per sample, "
+                          f"fused from there; without, fused from {rule['infer_fused_from']:,} tokens, math for "
+                          f"{rule['infer_math_from_batch']} or more shorter samples, else sdpa", highlight=False)
+            continue
+        if now["choices"] is None:
+            fused = info["builtin_fused_from"]
+            console.print(f"  auto: fused from {fused['train']:,} tokens in the batch with a backward pass, from "
+                          f"{fused['infer']:,} without; sdpa below", highlight=False)
+            continue
+        for mode, rows in now["choices"].items():
+            console.print(f"  auto, {mode}: " + ", ".join(f"{b} x {n}: {backend}" for b, n, backend in rows),
+                          highlight=False)
+        if now["entry"] is not None:
+            console.print(f"  measured {now['entry'].get('measured_at', '?')} by "
+                          f"{escape(str(now['entry'].get('how', '?')))}", highlight=False)

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "official_bixt"
 
 
-def _authors_module():
-    spec = importlib.util.spec_from_file_location("authors_bixt", ROOT / "benchmarks" / "authors_bixt.py")
+def _authors_module(name: str = "authors_bixt"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,3 +49,24 @@ def test_equals_our_model_forward_and_gradients(backend):
     grads_theirs = dict(theirs.named_parameters())
     for name, p in bixt_to_official(dict(ours.named_parameters())).items():
         torch.testing.assert_close(p.grad, grads_theirs[name].grad, atol=1e-9, rtol=1e-8, msg=name)
+
+
+def test_gemm_floor_counts_every_matrix_product_of_a_step_by_layout():
+    """benchmarks/gemm_floor.py, the matmul floor of a step: a Linear's forward and backward are one addmm (its
+    bias dropped: the product is x @ W^T, W^T a transposed view) and two mm (the input's and the weight's
+    gradients); a batched product is a bmm; the replay times each distinct product."""
+    floor = _authors_module("gemm_floor")
+    lin = torch.nn.Linear(8, 16)
+    x = torch.randn(4, 8, requires_grad=True)
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 5, 7)
+
+    def step():
+        lin(x).sum().backward()
+        torch.bmm(a, b)
+
+    products = floor.record(step)
+    assert sum(products.values()) == 4 and len(products) == 4
+    assert ("aten::addmm", ((4, 8), (8, 1), torch.float32), ((8, 16), (1, 8), torch.float32)) in products
+    assert {op for op, _, _ in products} == {"aten::addmm", "aten::mm", "aten::bmm"}
+    assert ("aten::bmm", ((2, 3, 5), (15, 5, 1), torch.float32), ((2, 5, 7), (35, 7, 1), torch.float32)) in products
+    assert floor.replay(products, repeats=1) > 0

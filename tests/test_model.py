@@ -203,3 +203,25 @@ def test_token_chunks_span_the_samples_of_a_batch():
         out = add_per_token(x, lambda part: seen.append(tuple(part.shape)) or 2 * part + 1, training=False)
     assert seen == [(1, TOKEN_CHUNK, 4), (1, 1500 - TOKEN_CHUNK, 4)]
     assert out is x and torch.equal(out, expected)
+
+
+def test_add_per_token_first_sums_the_projected_update_chunk_by_chunk_into_a_new_tensor():
+    """`first=(y, f)`: (x + f(y)) + branch(x + f(y)), as the plain sums give it, chunk by chunk in CPU inference,
+    into a new tensor (x is the caller's residual stream, y a non-contiguous view as attention leaves it)."""
+    from bixt.nn.layers import TOKEN_CHUNK, add_per_token
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 700, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 8, 700, generator=g, dtype=torch.float64).transpose(1, 2)
+    w, v = torch.randn(8, 8, generator=g, dtype=torch.float64), torch.randn(8, 8, generator=g, dtype=torch.float64)
+    f, branch = (lambda t: t @ w), (lambda t: torch.tanh(t @ v))
+    t = x + f(y)
+    expected = t + branch(t)
+    before, seen = x.clone(), []
+    with torch.no_grad():
+        out = add_per_token(x, lambda p: seen.append(p.shape[1]) or branch(p), training=False, first=(y, f))
+    assert seen == [TOKEN_CHUNK, TOKEN_CHUNK, 2100 - 2 * TOKEN_CHUNK]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert out is not x and torch.equal(x, before) and out.is_contiguous()
+    grad = add_per_token(x.requires_grad_(), branch, training=True, first=(y, f))  # the autograd path: plain sums
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)

@@ -175,7 +175,7 @@ def test_auto_picks_triton_on_cuda_only():
     assert auto_bidirectional(torch.device("cuda"), torch.bfloat16, 1, 1 << 20, training=True) == "triton"
     assert auto_bidirectional(torch.device("cuda"), torch.bfloat16, 1, 196, training=True) is None
     assert auto_bidirectional(torch.device("cuda"), torch.float32, 1, 1 << 16, training=False) == "triton"
-    assert auto_bidirectional(torch.device("cpu"), torch.bfloat16, 1, 1 << 20, training=True) is None
+    assert auto_bidirectional(torch.device("cpu"), torch.bfloat16, 1, 1 << 20, training=True) == "fused"
     assert auto_bidirectional(torch.device("cpu"), torch.float32, 1, 1 << 20, training=True) == "fused"
 
 

@@ -1,4 +1,5 @@
 """`bixt tune` and the per-machine crossover cache that `auto` reads (bixt.nn.autotune, bixt.measure.tune)."""
+import functools
 import json
 import warnings
 
@@ -8,7 +9,7 @@ from typer.testing import CliRunner
 
 from bixt.measure import tune as t
 from bixt.nn import autotune
-from bixt.nn.attention import auto_bidirectional
+from bixt.nn.attention import CPU_BF16_RULE, auto_bidirectional
 from bixt.nn.fused import _AUTO_MIN_TOKENS, fused_wins
 from bixt_cli.main import app
 
@@ -63,7 +64,39 @@ def test_auto_takes_the_choice_of_the_nearest_measured_shape(cache_dir):
     assert auto(1, 6272) == "fused"  # 32 x 196's token count in one sample: fused, as the long samples
     assert auto(1, 1 << 20, training=False) == "sdpa"
     assert auto(1, 1 << 20, dtype=torch.float64) == "fused"  # the table is float32's; float64 keeps the built-in
-    assert auto_bidirectional(CPU, torch.bfloat16, 1, 1 << 20, True) is None  # fused and the tuning: fp32 only
+    assert auto(32, 196, dtype=torch.bfloat16) == "math" and auto(1, 4096, dtype=torch.bfloat16) == "math"  # bf16:
+    # its own built-in rule, not float32's table
+
+
+def test_bf16_has_its_own_entry_and_built_in_rule(cache_dir):
+    rule = CPU_BF16_RULE
+    bf16 = functools.partial(auto, dtype=torch.bfloat16)
+    assert bf16(32, 196) == "math" and bf16(1, rule["train_math_below"] - 1) == "math"
+    assert bf16(1, rule["train_math_below"]) == "fused"
+    assert bf16(1, rule["infer_fused_from"], training=False) == "fused"
+    assert bf16(rule["infer_math_from_batch"], 196, training=False) == "math"
+    assert bf16(rule["infer_math_from_batch"] - 1, 1024, training=False) == "sdpa"
+    autotune.store({True: TABLE, False: TABLE}, "float32")
+    assert bf16(1, 4096) == "math"  # float32's entry is not bf16's
+    path = autotune.store({True: ((1, 256, "fused"),), False: ((1, 256, "sdpa"),)}, "bf16", dtype=torch.bfloat16)
+    machines = json.loads(path.read_text())["machines"]
+    assert machines[autotune.machine_key(dtype=torch.bfloat16)]["dtype"] == "bfloat16"
+    assert machines[autotune.machine_key()]["how"] == "float32"  # kept beside it
+    assert bf16(32, 196) == "fused" and bf16(32, 196, training=False) == "sdpa" and auto(32, 196) == "math"
+    assert t.current()["dtypes"]["bf16"]["source"] == "cache"
+
+
+def test_one_way_auto_in_bf16_on_a_cpu_takes_math_over_few_keys(monkeypatch):
+    """The latents' self-attention: math's result exactly below the rule's keys, sdpa's from there."""
+    from bixt.nn import attention as att
+
+    g = torch.Generator().manual_seed(0)
+    few = [torch.randn(2, 2, 8, 16, generator=g).bfloat16() for _ in range(3)]
+    assert torch.equal(att.attention(*few), att.attention(*few, backend="math"))
+    monkeypatch.setitem(att.CPU_BF16_RULE, "one_way_math_below", 8)
+    assert torch.equal(att.attention(*few), att.attention(*few, backend="sdpa"))
+    assert torch.equal(att.attention(*(x.float() for x in few)), att.attention(*(x.float() for x in few),
+                                                                               backend="sdpa"))
 
 
 def test_a_tuned_auto_runs_the_chosen_backend(cache_dir):
@@ -86,7 +119,7 @@ def test_built_in_thresholds_without_an_entry_or_with_the_cache_switched_off(cac
     assert auto(1, 256) == "sdpa" and auto(32, 196) == "math"
     monkeypatch.setenv("BIXT_NO_TUNE_CACHE", "1")
     assert auto(32, 196) == "fused" and auto(1, least - 1) == "sdpa"  # 6,272 tokens in the batch: built-in fused
-    assert t.current()["source"].startswith("built-in (BIXT_NO_TUNE_CACHE")
+    assert t.current()["dtypes"]["fp32"]["source"].startswith("built-in (BIXT_NO_TUNE_CACHE")
 
 
 @pytest.mark.parametrize("text", [b"{not json", b'{"version": 2, "machines": []}', b"\xff\xfe\x00",
@@ -160,13 +193,34 @@ def test_cli_tune_show(cache_dir):
     result = runner.invoke(app, ["tune", "--show"])
     assert result.exit_code == 0, result.output
     assert "built-in (no entry for this machine)" in result.output and f"{_AUTO_MIN_TOKENS[True]:,}" in result.output
+    assert f"{CPU_BF16_RULE['train_math_below']:,}" in result.output  # bf16's built-in rule, shown apart
     autotune.store({True: TABLE, False: TABLE[:1]}, "by hand")
     result = runner.invoke(app, ["tune", "--show"])
-    assert "source: cache" in result.output and "32 x 196: math" in result.output
-    assert "by hand" in result.output and str(cache_dir) in result.output
+    assert "fp32: machine" in result.output and "source: cache" in result.output
+    assert "32 x 196: math" in result.output and "by hand" in result.output and str(cache_dir) in result.output
+    assert "bf16: machine" in result.output and result.output.count("source: cache") == 1
 
 
 def test_cli_tune_refuses_bad_repeats_in_one_line():
     from conftest import assert_one_line_error
 
     assert_one_line_error(runner.invoke(app, ["tune", "--repeats", "0"]), "--repeats must be at least 1")
+    assert_one_line_error(runner.invoke(app, ["tune", "--dtype", "fp16"]), "--dtype 'fp16' is not one auto is tuned")
+
+
+def test_cli_tune_bf16_refused_in_one_line_without_cpu_support(monkeypatch):
+    from conftest import assert_one_line_error
+
+    monkeypatch.setattr("bixt.nn.precision.cpu_supports_bf16", lambda: False)
+    assert_one_line_error(runner.invoke(app, ["tune", "--dtype", "bf16"]), "--dtype bf16 needs a CPU with bf16")
+
+
+@pytest.mark.skipif(not __import__("bixt.nn.precision", fromlist=["x"]).cpu_supports_bf16(),
+                    reason="this CPU has no native bf16")
+def test_cli_tune_bf16_caches_its_own_entry(cache_dir, monkeypatch):
+    monkeypatch.setattr(t, "QUICK_LADDER", ((1, 256),))
+    monkeypatch.setattr(t, "QUICK_CHECK_LADDER", ())
+    result = runner.invoke(app, ["tune", "--quick", "--repeats", "1", "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert autotune.lookup(dtype=torch.bfloat16) is not None and autotune.lookup() is None
+    assert "bfloat16" in autotune.entry_info(dtype=torch.bfloat16)["how"]

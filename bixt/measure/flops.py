@@ -50,6 +50,7 @@ ZERO_COST_OPS = frozenset(f"aten::{op}" for op in (
     "mean", "sum", "amax", "masked_fill", "masked_fill_", "where", "embedding", "linspace", "repeat", "expand_as",
     "unflatten", "clone", "ne", "lt", "le", "logical_not", "feature_dropout", "native_dropout", "bernoulli_",
     "upsample_bicubic2d", "_upsample_bicubic2d_aa", "pad", "fill_", "normal_", "one_hot", "im2col", "meshgrid",
+    "empty_like",
 ))
 
 

@@ -29,6 +29,7 @@ from bixt.nn.attention import bidirectional_attention
 
 BACKENDS = ("sdpa", "math", "fused")
 MODES = {"train": True, "infer": False}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # bf16: the attention's inputs under --amp
 # (batch, tokens): batch 1 up the ladder, and the batched shapes of BiXT-Ti at 224 px (196 tokens) and above.
 LADDER = ((1, 256), (1, 1024), (8, 196), (1, 2048), (1, 3072), (1, 4096), (32, 196), (1, 6144), (1, 8192),
           (16, 576), (1, 12288), (1, 16384), (8, 3136), (1, 32768), (1, 65536))
@@ -41,15 +42,28 @@ REPEATS, QUICK_REPEATS = 9, 2  # 9: 35 s on an idle 2-core Xeon, 85 s on a busy 
 Progress = Callable[[int, int, str], None]
 
 
-def _inputs(B: int, H: int, M: int, N: int, d: int, grad: bool):
+def tuned_dtype(name: str) -> torch.dtype:
+    """The dtype `bixt tune --dtype` names, refused in one line where it cannot be tuned here."""
+    from bixt.nn.precision import cpu_supports_bf16
+
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one auto is tuned for: use {' or '.join(DTYPES)}")
+    if DTYPES[name] == torch.bfloat16 and not cpu_supports_bf16():
+        raise ValueError("--dtype bf16 needs a CPU with bf16 support (AVX512-BF16 or AMX), as --amp does: "
+                         "tune fp32 here")
+    return DTYPES[name]
+
+
+def _inputs(B: int, H: int, M: int, N: int, d: int, grad: bool, dtype: torch.dtype):
     g = torch.Generator().manual_seed(0)
-    x = [torch.randn(B, H, L, d, generator=g).requires_grad_(grad) for L in (M, M, N, N)]
-    return x, [torch.randn(B, H, M, d, generator=g), torch.randn(B, H, N, d, generator=g)]
+    x = [torch.randn(B, H, L, d, generator=g).to(dtype).requires_grad_(grad) for L in (M, M, N, N)]
+    return x, [torch.randn(B, H, M, d, generator=g).to(dtype), torch.randn(B, H, N, d, generator=g).to(dtype)]
 
 
-def make_step(backend: str, shape: tuple[int, int, int, int, int], training: bool) -> Callable[[], None]:
+def make_step(backend: str, shape: tuple[int, int, int, int, int], training: bool,
+              dtype: torch.dtype = torch.float32) -> Callable[[], None]:
     """One call of the backend on fixed inputs: forward + backward (`training`) or an inference-mode forward."""
-    x, cot = _inputs(*shape, grad=training)
+    x, cot = _inputs(*shape, grad=training, dtype=dtype)
     if not training:
         def infer():
             with torch.inference_mode():
@@ -62,10 +76,11 @@ def make_step(backend: str, shape: tuple[int, int, int, int, int], training: boo
     return train
 
 
-def time_shape(shape: tuple[int, int, int, int, int], training: bool, repeats: int) -> dict:
+def time_shape(shape: tuple[int, int, int, int, int], training: bool, repeats: int,
+               dtype: torch.dtype = torch.float32) -> dict:
     """Median seconds per backend, round-robin after one warm-up call each; under "min", the fastest call of each
     (less sensitive to other work on the machine, kept for comparison)."""
-    steps = {b: make_step(b, shape, training) for b in BACKENDS}
+    steps = {b: make_step(b, shape, training, dtype) for b in BACKENDS}
     cpu = torch.device("cpu")
     for step in steps.values():
         step()
@@ -78,7 +93,7 @@ def time_shape(shape: tuple[int, int, int, int, int], training: bool, repeats: i
 
 
 def measure(heads: int = 6, latents: int = 64, head_dim: int = 32, lengths=LADDER, repeats: int = REPEATS,
-            progress: Progress | None = None) -> dict[str, list[dict]]:
+            progress: Progress | None = None, dtype: torch.dtype = torch.float32) -> dict[str, list[dict]]:
     """{mode: rows}, each row a shape's median seconds per backend (and their minimum, under "min")."""
     table = {mode: [] for mode in MODES}
     total, done = len(lengths) * len(MODES), 0
@@ -86,7 +101,7 @@ def measure(heads: int = 6, latents: int = 64, head_dim: int = 32, lengths=LADDE
         for mode, training in MODES.items():
             if progress:
                 progress(done, total, f"{mode} {B} x {N}")
-            med = time_shape((B, heads, latents, N, head_dim), training, repeats)
+            med = time_shape((B, heads, latents, N, head_dim), training, repeats, dtype)
             table[mode].append({"batch": B, "tokens": N, "batch_tokens": B * N, **med})
             done += 1
     if progress:
@@ -115,22 +130,26 @@ def judged(table: dict[str, list[dict]], chosen: dict[bool, autotune.Choices]) -
 
 
 def tune(heads: int = 6, latents: int = 64, head_dim: int = 32, lengths=LADDER, repeats: int = REPEATS,
-         progress: Progress | None = None, write_cache: bool = True, check_lengths=CHECK_LADDER) -> dict:
-    """Measure, cache the fastest backend per shape for this machine (unless `write_cache` is False), then check
-    auto's choices on a second measurement (`check_lengths`; none: no check). The result: per-mode rows (seconds
-    per backend, the fastest), the check's rows (auto's choice, auto_over_best), machine key, cache file, load."""
+         progress: Progress | None = None, write_cache: bool = True, check_lengths=CHECK_LADDER,
+         dtype: torch.dtype = torch.float32) -> dict:
+    """Measure, cache the fastest backend per shape for this machine and `dtype` (unless `write_cache` is False),
+    then check auto's choices on a second measurement (`check_lengths`; none: no check). The result: per-mode rows
+    (seconds per backend, the fastest), the check's rows (auto's choice, auto_over_best), machine key, cache file,
+    load."""
     load = [load_average()]
-    table = measure(heads, latents, head_dim, lengths, repeats, progress)
+    table = measure(heads, latents, head_dim, lengths, repeats, progress, dtype)
     chosen = choices(table)
-    how = (f"bixt tune: H={heads}, M={latents}, d_h={head_dim}, float32, medians of {repeats} round-robin calls "
+    name = str(dtype).removeprefix("torch.")
+    how = (f"bixt tune: H={heads}, M={latents}, d_h={head_dim}, {name}, medians of {repeats} round-robin calls "
            f"at {len(lengths)} shapes from {min(b * n for b, n in lengths)} to {max(b * n for b, n in lengths)} "
            "tokens in the batch")
-    path = autotune.store(chosen, how) if write_cache else None
-    checked = judged(measure(heads, latents, head_dim, check_lengths, repeats, progress), chosen) \
+    path = autotune.store(chosen, how, dtype=dtype) if write_cache else None
+    checked = judged(measure(heads, latents, head_dim, check_lengths, repeats, progress, dtype), chosen) \
         if check_lengths else {}
     load.append(load_average())
     worst = max((r["auto_over_best"] for rs in checked.values() for r in rs), default=None)
-    return {"machine": autotune.machine_key(), "heads": heads, "latents": latents, "head_dim": head_dim,
+    return {"machine": autotune.machine_key(dtype=dtype), "dtype": name, "heads": heads, "latents": latents,
+            "head_dim": head_dim,
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "rows": judged(table, chosen), "check": checked, "worst_auto_over_best_in_check": worst,
             "how": how, "cache": None if path is None else str(path),
@@ -155,13 +174,19 @@ def cores() -> int:
 
 
 def current() -> dict:
-    """What `auto` uses on this machine now (the cached choices, or the built-in thresholds) and its source."""
-    from bixt.nn.fused import _AUTO_MIN_TOKENS  # the built-in fallback of auto_bidirectional
+    """What `auto` uses on this machine now, per dtype (the cached choices, or the built-in rules) and its
+    source."""
+    from bixt.nn.attention import CPU_BF16_RULE  # the built-in fallbacks of auto_bidirectional
+    from bixt.nn.fused import _AUTO_MIN_TOKENS
 
-    entry, path = autotune.lookup(), autotune.cache_path()
-    source = "cache" if entry is not None else ("built-in (BIXT_NO_TUNE_CACHE set)" if autotune.disabled()
-                                                else "built-in (no entry for this machine)")
-    return {"machine": autotune.machine_key(), "cache": str(path), "source": source,
+    out = {"cache": str(autotune.cache_path()), "dtypes": {},
+           "builtin_fused_from": {m: _AUTO_MIN_TOKENS[t] for m, t in MODES.items()}, "builtin_bf16": CPU_BF16_RULE}
+    for name, dtype in DTYPES.items():
+        entry = autotune.lookup(dtype=dtype)
+        source = "cache" if entry is not None else ("built-in (BIXT_NO_TUNE_CACHE set)" if autotune.disabled()
+                                                    else "built-in (no entry for this machine)")
+        out["dtypes"][name] = {
+            "machine": autotune.machine_key(dtype=dtype), "source": source,
             "choices": None if entry is None else {m: [list(c) for c in entry[t]] for m, t in MODES.items()},
-            "builtin_fused_from": {m: _AUTO_MIN_TOKENS[t] for m, t in MODES.items()},
-            "entry": autotune.entry_info() if entry is not None else None}
+            "entry": autotune.entry_info(dtype=dtype) if entry is not None else None}
+    return out

@@ -33,20 +33,33 @@ class CrossBlock(nn.Module):
             self.mlp_tok = Mlp(dt, int(dt * cfg.mlp_ratio), cfg.drop_rate)
 
     def forward(self, lat: Tensor, tok: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        tok_n = self.norm_tok(tok)
         if self.sequential:
-            dlat = self.attn.read_tokens(self.norm_lat(lat), tok_n, padding_mask)
-        else:
-            dlat, dtok = self.attn(self.norm_lat(lat), tok_n, padding_mask)
-        lat = lat + self.drop_path(self.ls1_lat(dlat))
-        lat = lat + self.drop_path(self.ls2_lat(self.mlp_lat(self.mlp_norm_lat(lat))))
+            return self._forward_sequential(lat, tok, padding_mask)
+        dlat, dtok = self.attn.attend(self.norm_lat(lat), self.norm_tok(tok), padding_mask)
+        # Each stream's two residual updates (projected attention output, then MLP) in one sweep: in CPU inference,
+        # chunk by chunk, the projected update never exists whole (bixt.nn.layers.add_per_token).
+        lat = add_per_token(lat, self._latent_mlp, self.training,
+                            first=(dlat, lambda t: self.drop_path(self.ls1_lat(self.attn.project_latents(t)))))
         if self.one_sided:
             return lat, tok
-        if self.sequential:  # only now, after the latents' update, do the tokens read them
-            dtok = self.attn.read_latents(tok_n, self.norm_lat_read(lat))
-        tok = tok + self.drop_path(self.ls1_tok(dtok))
-        return lat, add_per_token(tok, lambda t: self.drop_path(self.ls2_tok(self.mlp_tok(self.mlp_norm_tok(t)))),
-                                  self.training)
+        return lat, add_per_token(tok, self._token_mlp, self.training,
+                                  first=(dtok, lambda t: self.drop_path(self.ls1_tok(self.attn.project_tokens(t)))))
+
+    def _forward_sequential(self, lat: Tensor, tok: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        tok_n = self.norm_tok(tok)
+        lat = lat + self.drop_path(self.ls1_lat(self.attn.read_tokens(self.norm_lat(lat), tok_n, padding_mask)))
+        lat = add_per_token(lat, self._latent_mlp, self.training)
+        if self.one_sided:
+            return lat, tok
+        # only now, after the latents' update, do the tokens read them
+        tok = tok + self.drop_path(self.ls1_tok(self.attn.read_latents(tok_n, self.norm_lat_read(lat))))
+        return lat, add_per_token(tok, self._token_mlp, self.training)
+
+    def _latent_mlp(self, lat: Tensor) -> Tensor:
+        return self.drop_path(self.ls2_lat(self.mlp_lat(self.mlp_norm_lat(lat))))
+
+    def _token_mlp(self, tok: Tensor) -> Tensor:
+        return self.drop_path(self.ls2_tok(self.mlp_tok(self.mlp_norm_tok(tok))))
 
 
 class LatentBlock(nn.Module):
@@ -64,5 +77,6 @@ class LatentBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), key_padding_mask)))
-        return add_per_token(x, lambda t: self.drop_path(self.ls2(self.mlp(self.norm2(t)))), self.training)
+        return add_per_token(x, lambda t: self.drop_path(self.ls2(self.mlp(self.norm2(t)))), self.training,
+                             first=(self.attn.attend(self.norm1(x), key_padding_mask),
+                                    lambda t: self.drop_path(self.ls1(self.attn.project(t)))))

@@ -14,7 +14,8 @@ Backends, chosen by name:
   triton    the fused algorithm as Triton GPU kernels (bixt/nn/triton_attention.py), CUDA only (CPU tensors only
             under TRITON_INTERPRET=1). No attention dropout; one-way attention runs on sdpa.
   auto      the fastest available for the tensor's device, dtype and shape (`auto_bidirectional`; on CPU the one
-            `bixt tune` measured fastest on this machine, bixt/nn/autotune.py).
+            `bixt tune` measured fastest on this machine, bixt/nn/autotune.py). One-way: sdpa, except math in
+            bf16 on a CPU over few keys (`CPU_BF16_RULE`).
 
 Token sharding (bixt/nn/sharding.py): with a `shard`, the tokens (keys) are this process's part of the samples'
 tokens and the latents' softmax runs over all processes' tokens; math and fused (CPU) compute it.
@@ -94,18 +95,41 @@ def auto_bidirectional(device: torch.device, dtype: torch.dtype, batch: int, tok
     """The backend `auto` runs bi-directional attention on for `batch` samples of `tokens` tokens, or None for
     auto's one-way choice (sdpa). `training`: whether a backward pass follows.
 
-    CUDA: triton from `_TRITON_MIN_TOKENS` tokens per sample. CPU, float32: the fastest of sdpa, math and fused at
-    the nearest shape `bixt tune` measured on this machine (`bixt.nn.autotune`); without that, fused where
-    `fused_wins` says (tokens in the batch), else sdpa."""
+    CUDA: triton from `_TRITON_MIN_TOKENS` tokens per sample. CPU, float32 or bf16: the fastest of sdpa, math and
+    fused at the nearest shape `bixt tune` measured on this machine for the dtype (`bixt.nn.autotune`); without
+    that, in float32 fused where `fused_wins` says (tokens in the batch), else sdpa; in bf16 `_cpu_bf16_choice`."""
     if device.type == "cuda":
         if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not triton_available():
             return None
         least = _TRITON_MIN_TOKENS[training, dtype != torch.float32]
         return "triton" if least is not None and tokens >= least else None
-    tuned = autotune.choose(training, batch, tokens, device.type) if dtype == torch.float32 else None
+    tuned = autotune.choose(training, batch, tokens, device.type, dtype) \
+        if dtype in (torch.float32, torch.bfloat16) else None
+    if tuned is None and dtype == torch.bfloat16:
+        tuned = _cpu_bf16_choice(batch, tokens, training)
     if tuned is not None:
         return None if tuned == "sdpa" else tuned
     return "fused" if fused_wins(device, dtype, batch * tokens, training) else None
+
+
+# auto's bf16 rule on a CPU that `bixt tune --dtype bf16` has not measured (`_cpu_bf16_choice`).
+# One-way attention (the latents' self-attention) in bf16 on a CPU: math below this many keys, sdpa from there
+# (sdpa's bf16 backward at 32 x 64 latents took 3.5x math's; at 1,024 keys math took 1.8x sdpa).
+CPU_BF16_RULE = {"train_math_below": 32768, "infer_fused_from": 5120, "infer_math_from_batch": 4,
+                 "one_way_math_below": 512}
+
+
+def _cpu_bf16_choice(batch: int, tokens: int, training: bool) -> str:
+    """math's bf16 matmuls where sdpa's bf16 backward is 1.4-4x slower (and fused computes in float32), below
+    32,768 tokens per sample in training; in inference fused from 5,120 tokens, math for batches of 4 or more shorter
+    samples, sdpa for fewer. Measured on a 2-core AMD EPYC with AVX512-BF16 (`bixt tune --dtype bf16`,
+    benchmarks/results/tune_epyc_2t_bf16.json); other processors differ, hence the tune."""
+    rule = CPU_BF16_RULE
+    if training:
+        return "math" if tokens < rule["train_math_below"] else "fused"
+    if tokens >= rule["infer_fused_from"]:
+        return "fused"
+    return "math" if batch >= rule["infer_math_from_batch"] else "sdpa"
 
 
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, key_padding_mask: Tensor | None,
@@ -139,10 +163,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     if shard is not None:
         check_shard_backend(backend)
         return softmax_over_shards((q @ k.transpose(-2, -1)) * scale, v, shard, key_padding_mask, dropout_p)
-    backend = resolve_backend(backend, q.device, q.dtype)
-    if backend == "math":
+    name = resolve_backend(backend, q.device, q.dtype)
+    if (backend == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16
+            and k.shape[-2] < CPU_BF16_RULE["one_way_math_below"]):
+        name = "math"
+    if name == "math":
         return _probs((q @ k.transpose(-2, -1)) * scale, key_padding_mask, dropout_p) @ v
-    if backend == "xformers":
+    if name == "xformers":
         return _xformers_attention(q, k, v, scale, key_padding_mask, dropout_p)
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
@@ -258,6 +285,14 @@ class BiDirectionalCrossAttention(_CrossAttention):
 
     def forward(self, latents: Tensor, tokens: Tensor,
                 padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        lat, tok = self.attend(latents, tokens, padding_mask)
+        return self.project_latents(lat), None if tok is None else self.project_tokens(tok)
+
+    def attend(self, latents: Tensor, tokens: Tensor,
+               padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """`forward` up to the output projections: the heads' outputs merged, (B, M, dim_attn) for the latents and
+        (B, N, dim_attn) or None for the tokens. A block projects them with `project_latents` / `project_tokens`,
+        inside its residual sums (bixt.nn.layers.add_per_token)."""
         if self.one_sided:
             (r_lat,), v_lat = split_heads(self.r_lat(latents), 1, self.num_heads), None
         else:
@@ -271,10 +306,13 @@ class BiDirectionalCrossAttention(_CrossAttention):
         lat, tok = bidirectional_attention(r_lat, v_lat, r_tok, v_tok, scale=self.scale, padding_mask=padding_mask,
                                            dropout_p=(p, p), backend=self.backend, packed_tok=packed,
                                            shard=self.token_shard)
-        lat = self.proj_drop(self.proj_lat(_merge_heads(lat)))
-        if tok is not None:
-            tok = self.proj_drop(self.proj_tok(_merge_heads(tok)))
-        return lat, tok
+        return _merge_heads(lat), None if tok is None else _merge_heads(tok)
+
+    def project_latents(self, lat: Tensor) -> Tensor:
+        return self.proj_drop(self.proj_lat(lat))
+
+    def project_tokens(self, tok: Tensor) -> Tensor:
+        return self.proj_drop(self.proj_tok(tok))
 
 
 class SequentialCrossAttention(_CrossAttention):
@@ -334,7 +372,14 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        return self.project(self.attend(x, key_padding_mask))
+
+    def attend(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """`forward` up to the output projection (`project`): the heads' outputs merged, (B, L, dim)."""
         q, k, v = split_heads(self.qkv(x), 3, self.num_heads)
         out = attention(q, k, v, key_padding_mask=key_padding_mask,
                         dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
-        return self.proj_drop(self.proj(_merge_heads(out)))
+        return _merge_heads(out)
+
+    def project(self, x: Tensor) -> Tensor:
+        return self.proj_drop(self.proj(x))

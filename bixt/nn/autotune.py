@@ -9,7 +9,8 @@ its own (distance in log2 of the batch's tokens plus log2 of the sample's), and 
 
 The cache is one JSON file (never a pickle: it is read on every machine that imports bixt): `tune.json` in
 `$BIXT_CACHE_DIR`, else `$XDG_CACHE_HOME/bixt`, else `~/.cache/bixt`. It holds one entry per machine key (CPU model,
-torch threads, torch major.minor, device type), so a home directory shared between machines keeps each one's own.
+torch threads, torch major.minor, device type, and the dtype where it is not float32: bf16's winners differ), so a
+home directory shared between machines keeps each one's own.
 `BIXT_NO_TUNE_CACHE=1` ignores it (reproducible tests and CI). A file that cannot be read or parsed never stops a
 model: it is ignored with one warning, and `bixt tune` rewrites it.
 """
@@ -59,10 +60,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
-def machine_key(device_type: str = "cpu") -> str:
-    """What a measured crossover holds for: threads are read now, as a process may change them after import."""
+def machine_key(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """What a measured crossover holds for: threads are read now, as a process may change them after import. A
+    dtype other than float32 (bf16 under `--amp`, where the winners differ) is an entry of its own."""
     torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    return f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch_version} | {device_type}"
+    key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch_version} | {device_type}"
+    return key if dtype == torch.float32 else f"{key} | {str(dtype).removeprefix('torch.')}"
 
 
 def _choices(rows) -> Choices:
@@ -115,19 +118,19 @@ def clear() -> None:
     _entry.cache_clear()
 
 
-def lookup(device_type: str = "cpu") -> dict[bool, Choices] | None:
-    """This machine's measured choices {training: ((batch, tokens, backend), ...)}, or None when the cache has no
-    entry for it (or is disabled)."""
+def lookup(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[bool, Choices] | None:
+    """This machine's measured choices {training: ((batch, tokens, backend), ...)} for `dtype`, or None when the
+    cache has no entry for it (or is disabled)."""
     if disabled():
         return None
     env = os.environ
     return _entry(env.get("BIXT_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"), torch.get_num_threads(),
-                  device_type)
+                  device_type, dtype)
 
 
 @functools.cache  # auto asks on every attention call: a few dictionary lookups, not a path and key built anew
-def _entry(cache_dir, xdg, home, threads: int, device_type: str) -> dict[bool, Choices] | None:
-    return _read(str(cache_path())).get(machine_key(device_type))
+def _entry(cache_dir, xdg, home, threads: int, device_type: str, dtype: torch.dtype) -> dict[bool, Choices] | None:
+    return _read(str(cache_path())).get(machine_key(device_type, dtype))
 
 
 @functools.lru_cache(maxsize=1024)  # asked on every attention call, with the few shapes a run has
@@ -140,13 +143,15 @@ def nearest(choices: Choices, batch: int, tokens: int) -> str:
     return min(choices, key=distance)[2]
 
 
-def choose(training: bool, batch: int, tokens: int, device_type: str = "cpu") -> str | None:
+def choose(training: bool, batch: int, tokens: int, device_type: str = "cpu",
+           dtype: torch.dtype = torch.float32) -> str | None:
     """The backend `auto` runs bi-directional attention on for this shape, or None without a cache entry."""
-    entry = lookup(device_type)
+    entry = lookup(device_type, dtype)
     return None if entry is None else nearest(entry[training], batch, tokens)
 
 
-def store(choices: dict[bool, Choices], how: str, device_type: str = "cpu") -> Path:
+def store(choices: dict[bool, Choices], how: str, device_type: str = "cpu",
+          dtype: torch.dtype = torch.float32) -> Path:
     """Write this machine's choices into the cache (other machines' entries kept); returns the file."""
     path = cache_path()
     try:
@@ -155,20 +160,20 @@ def store(choices: dict[bool, Choices], how: str, device_type: str = "cpu") -> P
         machines = machines if data.get("version") == VERSION else {}  # an older layout: this write replaces it
     except (OSError, ValueError):
         machines = {}  # missing or corrupt: this write replaces it
-    machines[machine_key(device_type)] = {
+    machines[machine_key(device_type, dtype)] = {
         "choices": {mode: [list(c) for c in _choices(choices[t])] for t, mode in MODES.items()},
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "how": how, "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "device": device_type}
+        "device": device_type, "dtype": str(dtype).removeprefix("torch.")}
     _write_atomic(path, json.dumps({"version": VERSION, "machines": machines}, indent=2) + "\n")
     clear()
     return path
 
 
-def entry_info(device_type: str = "cpu") -> dict | None:
-    """This machine's raw cache entry (when and how it was measured), or None."""
+def entry_info(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict | None:
+    """This machine's raw cache entry for `dtype` (when and how it was measured), or None."""
     try:
-        return json.loads(cache_path().read_text(encoding="utf-8"))["machines"][machine_key(device_type)]
+        return json.loads(cache_path().read_text(encoding="utf-8"))["machines"][machine_key(device_type, dtype)]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
