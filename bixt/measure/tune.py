@@ -23,13 +23,14 @@ from collections.abc import Callable
 
 import torch
 
+from bixt.measure.profile import DTYPES as PROFILE_DTYPES
 from bixt.measure.profile import time_step
 from bixt.nn import autotune
 from bixt.nn.attention import bidirectional_attention
 
 BACKENDS = ("sdpa", "math", "fused")
 MODES = {"train": True, "infer": False}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # bf16: the attention's inputs under --amp
+DTYPES = {k: PROFILE_DTYPES[k] for k in ("fp32", "bf16")}  # bf16: the attention's inputs under --amp
 # (batch, tokens): batch 1 up the ladder, and the batched shapes of BiXT-Ti at 224 px (196 tokens) and above.
 LADDER = ((1, 256), (1, 1024), (8, 196), (1, 2048), (1, 3072), (1, 4096), (32, 196), (1, 6144), (1, 8192),
           (16, 576), (1, 12288), (1, 16384), (8, 3136), (1, 32768), (1, 65536))
@@ -139,7 +140,7 @@ def tune(heads: int = 6, latents: int = 64, head_dim: int = 32, lengths=LADDER, 
     load = [load_average()]
     table = measure(heads, latents, head_dim, lengths, repeats, progress, dtype)
     chosen = choices(table)
-    name = str(dtype).removeprefix("torch.")
+    name = autotune.dtype_name(dtype)
     how = (f"bixt tune: H={heads}, M={latents}, d_h={head_dim}, {name}, medians of {repeats} round-robin calls "
            f"at {len(lengths)} shapes from {min(b * n for b, n in lengths)} to {max(b * n for b, n in lengths)} "
            "tokens in the batch")

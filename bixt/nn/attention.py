@@ -85,8 +85,8 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
         if device.type != "cuda" and not _interpreting():
             raise ValueError(f"the triton backend runs on CUDA (tensor is on {device.type}): use backend 'auto', "
                              "or set TRITON_INTERPRET=1 to run its kernels interpreted (slow; for tests)")
-    # auto's one-way choice is sdpa everywhere: on CUDA torch dispatches it to FlashAttention, which leaves xformers
-    # nothing to add by default (it stays available by name).
+    # auto's one-way choice is sdpa (bar `attention`'s bf16 case on a CPU, which needs the keys' length): on CUDA
+    # torch dispatches it to FlashAttention, which leaves xformers nothing to add by default (it stays available).
     return name if name != "auto" else "sdpa"
 
 

@@ -65,7 +65,11 @@ def machine_key(device_type: str = "cpu", dtype: torch.dtype = torch.float32) ->
     dtype other than float32 (bf16 under `--amp`, where the winners differ) is an entry of its own."""
     torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch_version} | {device_type}"
-    return key if dtype == torch.float32 else f"{key} | {str(dtype).removeprefix('torch.')}"
+    return key if dtype == torch.float32 else f"{key} | {dtype_name(dtype)}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _choices(rows) -> Choices:
@@ -164,7 +168,7 @@ def store(choices: dict[bool, Choices], how: str, device_type: str = "cpu",
         "choices": {mode: [list(c) for c in _choices(choices[t])] for t, mode in MODES.items()},
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "how": how, "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "device": device_type, "dtype": str(dtype).removeprefix("torch.")}
+        "device": device_type, "dtype": dtype_name(dtype)}
     _write_atomic(path, json.dumps({"version": VERSION, "machines": machines}, indent=2) + "\n")
     clear()
     return path
