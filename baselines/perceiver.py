@@ -25,6 +25,7 @@ from bixt.models.blocks import CrossBlock, LatentBlock
 from bixt.models.config import ModelConfig
 from bixt.models.registry import register_family
 from bixt.nn.layers import check_padding_mask, drop_path_rates, layer_norm
+from bixt.nn.linear import Linear
 from bixt.nn.posenc import fourier_features
 from bixt.nn.tokenizers import ImageTokenizer, build_tokenizer, check_image, check_patch_geometry
 
@@ -148,10 +149,10 @@ class Perceiver(LatentModel):
         self.latent = nn.ModuleList(LatentBlock(cfg, rate) for rate in drop_path_rates(cfg.drop_path_rate, n_latent))
         self.build_head()
         if cfg.dense_classes:
-            self.query_proj = nn.Linear(self.query_dim, cfg.dim)
+            self.query_proj = Linear(self.query_dim, cfg.dim)
             self.decoder = CrossBlock(decoder_view(cfg), 0.0, one_sided=True)
             self.dense_norm = layer_norm(cfg.dim)
-            self.dense_head = nn.Linear(cfg.dim, cfg.dense_classes)
+            self.dense_head = Linear(cfg.dim, cfg.dense_classes)
         self.init_weights()
 
     @property

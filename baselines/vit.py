@@ -20,6 +20,7 @@ from bixt.models.blocks import LatentBlock
 from bixt.models.config import ModelConfig
 from bixt.models.registry import register_family
 from bixt.nn.layers import check_padding_mask, classifier, drop_path_rates, layer_norm
+from bixt.nn.linear import Linear
 from bixt.nn.tokenizers import ImageTokenizer, build_tokenizer
 
 
@@ -89,7 +90,7 @@ class ViT(Model):
         self.norm = layer_norm(cfg.dim)
         self.head = classifier(cfg.dim, cfg.num_classes)
         if cfg.dense_classes:
-            self.dense_head = nn.Linear(cfg.dim, cfg.dense_classes)
+            self.dense_head = Linear(cfg.dim, cfg.dense_classes)
         self.init_weights()
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-RUNS = ("authors", "ours", "ours_bf16", "ours_compile")
+RUNS = ("authors", "ours", "ours_mkl", "ours_bf16", "ours_compile")
 
 
 def table(result: dict) -> str:
@@ -43,8 +43,18 @@ def table(result: dict) -> str:
         if g:
             lines.append(f"| {row['tokens']:,} | {row['mode']} | {row['batch']} | machine | fp32 GEMM "
                          f"{g['gemm2048_fp32_gflops']:.0f}, bf16 GEMM {g['gemm2048_bf16_gflops']:.0f}; Linear fp32 "
-                         f"{g['linear_fp32_gflops']:.0f}, bf16 {g['linear_bf16_gflops']:.0f} GFLOP/s | | | | | | |")
+                         f"{g['linear_fp32_gflops']:.0f}, bf16 {g['linear_bf16_gflops']:.0f} GFLOP/s"
+                         f"{_libraries(g)} | | | | | | |")
     return "\n".join(lines)
+
+
+def _libraries(g: dict) -> str:
+    """The fp32 rates per Linear library, where the file has them (bench_authors.py from when oneDNN was measured)."""
+    if "gemm2048_fp32_mkl_gflops" not in g:
+        return ""
+    return " (fp32 on MKL / oneDNN: GEMM {:.0f} / {:.0f}, Linear {:.0f} / {:.0f})".format(
+        g["gemm2048_fp32_mkl_gflops"], g["gemm2048_fp32_onednn_gflops"], g["linear_fp32_mkl_gflops"],
+        g["linear_fp32_onednn_gflops"])
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ conditions: step time, peak memory, achieved GFLOP/s, and where this machine's l
     python benchmarks/bench_authors.py --lengths 196 --modes train --profile    # where the time goes, op by op
     python benchmarks/bench_authors.py --lengths 4096 --modes train --same-process   # each backend of ours, A/B
 
-Runs: `authors` (their formulation, fp32), `ours` (this project's model, default backend, fp32), `ours_bf16` (ours
-under bf16 autocast, as `--amp`), `ours_compile` (ours under torch.compile; compilation is timed apart).
+Runs: `authors` (their formulation, fp32), `ours` (this project's model, default backend, fp32), `ours_mkl` (ours
+with its float32 Linears on MKL, torch's own, as the authors' are: what bixt.nn.linear's library choice is worth
+here), `ours_bf16` (ours under bf16 autocast, as `--amp`), `ours_compile` (ours under torch.compile; compilation is
+timed apart).
 `infer` is a forward under inference_mode; `train` is forward, mean of the logits as loss, backward (no optimizer
 step, which is the same code for both).
 
@@ -16,11 +18,13 @@ hits all runs alike; each process warms up (the first step is the memory step: p
 `--repeats` processes of each process's median step. `--allocator` applies one glibc setting to every process
 alike (bixt.nn.allocator: `tuned`, what bixt's commands use, or glibc's defaults). `gemm` rows measure the
 machine's limit in the same way: an fp32 and a bf16 2048^3 matmul, and the Linear that dominates BiXT-Ti's cost (the
-token MLP's 192 -> 768) on the run's B x N tokens, forward (+ backward in train).
+token MLP's 192 -> 768) on the run's B x N tokens, forward (+ backward in train); fp32 on MKL and on oneDNN, the
+limit being the faster (torch's own matmul is MKL's, which on AMD processors is the slower).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -44,10 +48,11 @@ from bixt.measure.flops import analytic_macs  # noqa: E402
 from bixt.measure.memory import PeakMemory  # noqa: E402
 from bixt.models.official import bixt_to_official  # noqa: E402
 from bixt.models.registry import create_model, get_entry  # noqa: E402
+from bixt.nn import linear as bixt_linear  # noqa: E402
 from bixt.nn.allocator import tune_allocator  # noqa: E402
 from bixt.nn.autotune import cpu_model  # noqa: E402
 
-RUNS = ("authors", "ours", "ours_bf16", "ours_compile")
+RUNS = ("authors", "ours", "ours_mkl", "ours_bf16", "ours_compile")
 MODEL = "bixt_ti_l64_p16"
 console = Console(width=150)
 
@@ -124,23 +129,35 @@ def _rate(fn, flops: int, target_s: float) -> float:
 
 
 def gemm_rates(tokens: int, mode: str, target_s: float) -> dict:
-    """GFLOP/s of the machine's best case (2048^3) and of BiXT-Ti's dominant Linear on this run's tokens."""
+    """GFLOP/s of the machine's best case (2048^3) and of BiXT-Ti's dominant Linear on this run's tokens; float32
+    on each Linear library (bixt.nn.linear: MKL, and oneDNN where this torch has it) and the better of them."""
     out = {}
     rows = batch_for(tokens) * tokens
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        out[f"gemm2048_{tag}_gflops"] = _rate(lambda a=a, b=b: a @ b, 2 * 2048 ** 3, target_s / 4)
-        lin = torch.nn.Linear(192, 768).to(dtype)
-        x = torch.randn(rows, 192, dtype=dtype, requires_grad=mode == "train")
+        libraries = bixt_linear.LIBRARIES if dtype == torch.float32 and bixt_linear.AVAILABLE else (None,)
+        for library in libraries:
+            key = tag if library is None else f"{tag}_{library}"
+            with bixt_linear.using(library or "mkl"):  # bf16 products run on oneDNN in torch whatever this says
+                a, w = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
 
-        def linear(lin=lin, x=x):
-            if mode == "infer":
-                with torch.inference_mode():
-                    lin(x)
-            else:
-                lin(x).sum().backward()
-        flops = 2 * rows * 192 * 768 * (3 if mode == "train" else 1)
-        out[f"linear_{tag}_gflops"] = _rate(linear, flops, target_s / 4)
+                def gemm(a=a, w=w):
+                    with torch.inference_mode():
+                        bixt_linear.linear(a, w)
+                out[f"gemm2048_{key}_gflops"] = _rate(gemm, 2 * 2048 ** 3, target_s / 4)
+                lin = bixt_linear.Linear(192, 768).to(dtype)
+                x = torch.randn(rows, 192, dtype=dtype, requires_grad=mode == "train")
+
+                def linear(lin=lin, x=x):
+                    if mode == "infer":
+                        with torch.inference_mode():
+                            lin(x)
+                    else:
+                        lin(x).sum().backward()
+                flops = 2 * rows * 192 * 768 * (3 if mode == "train" else 1)
+                out[f"linear_{key}_gflops"] = _rate(linear, flops, target_s / 4)
+        for what in ("gemm2048", "linear"):
+            out[f"{what}_{tag}_gflops"] = max(out[f"{what}_{tag}_{lib}_gflops"] for lib in libraries) \
+                if libraries[0] else out[f"{what}_{tag}_gflops"]
     return out
 
 
@@ -149,6 +166,8 @@ def worker(job: dict) -> dict:
         tune_allocator()
     torch.set_num_threads(job["threads"])
     tokens, mode, run = job["tokens"], job["mode"], job["run"]
+    if run == "ours_mkl":
+        os.environ["BIXT_CPU_LINEAR"] = "mkl"  # a fresh process per run: nothing else sees it
     if run == "gemm":
         return gemm_rates(tokens, mode, job["target_s"])
     ours, theirs = models(tokens)
@@ -186,23 +205,26 @@ def profile_ops(step, top: int = 25) -> dict:
 
 
 def same_process(tokens: int, mode: str, repeats: int) -> dict[str, float]:
-    """Median ms of the authors' step and of ours on each backend, all in this process, round-robin: differences
-    smaller than the spread between fresh processes show here (both models live, so absolute times run higher)."""
+    """Median ms of the authors' step and of ours on each backend (and on auto with its Linears on MKL), all in this
+    process, round-robin: differences smaller than the spread between fresh processes show here (both models live,
+    so absolute times run higher)."""
     tune_allocator()
     ours, theirs = models(tokens)
     side = 16 * math.isqrt(tokens)
     x = torch.randn(batch_for(tokens), 3, side, side)
-    runs = {"authors": (theirs, None), **{f"ours_{b}": (ours, b) for b in ("auto", "math", "sdpa", "fused")}}
-    steps = {name: step_fn(model, x, mode, bf16=False) for name, (model, _) in runs.items()}
+    runs = {"authors": (theirs, None, None), "ours_auto_mkl": (ours, "auto", "mkl"),
+            **{f"ours_{b}": (ours, b, None) for b in ("auto", "math", "sdpa", "fused")}}
+    steps = {name: step_fn(model, x, mode, bf16=False) for name, (model, _, _) in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(repeats + 2):  # two warm-up rounds
-        for name, (model, backend) in runs.items():
+        for name, (model, backend, library) in runs.items():
             if backend is not None:
                 model.set_backend(backend)
-            t0 = time.perf_counter()
-            steps[name]()
-            if i >= 2:
-                times[name].append(time.perf_counter() - t0)
+            with bixt_linear.using(library) if library else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                steps[name]()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -229,7 +251,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[196, 1024, 4096, 16384])
     p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    p.add_argument("--runs", nargs="+", default=["authors", "ours", "ours_bf16"], choices=RUNS)
+    p.add_argument("--runs", nargs="+", default=["authors", "ours", "ours_mkl", "ours_bf16"],
+                   choices=RUNS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--target-s", type=float, default=3.0, help="seconds of timed steps per process")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -26,8 +26,9 @@ def tune(
                                                       "tuned and cached apart."),
 ):
     """Time the sdpa, math and fused attention backends at 15 shapes from 256 to 65,536 tokens on this CPU, cache
-    the fastest per shape for `auto` on this machine, then check auto's choices on a second measurement at shapes
-    it was not tuned on (about a minute on 2 cores)."""
+    the fastest per shape for `auto` on this machine (with fp32, also the faster library for Linears: oneDNN or
+    MKL), then check auto's choices on a second measurement at shapes it was not tuned on (about a minute on 2
+    cores)."""
     from bixt.measure import tune as t
 
     if show:
@@ -53,11 +54,17 @@ def tune(
             bar.update(task, completed=offset[0] + (0 if label == "done" else done), description=label)
 
         result = t.tune(lengths=lengths, repeats=repeats, progress=progress, write_cache=not no_cache,
-                        check_lengths=check, dtype=torch_dtype)
+                        check_lengths=check, dtype=torch_dtype,
+                        linear_shapes=t.QUICK_LINEAR_SHAPES if quick else t.LINEAR_SHAPES)
     for mode in t.MODES:
         console.print(_table(f"{mode}: tuned", mode, result["rows"][mode]))
     for mode, rows in result["check"].items():  # none where the check ladder is empty
         console.print(_table(f"{mode}: check, a second measurement", mode, rows))
+    if result["linear"] is not None:
+        secs = result["linear"]["seconds"]
+        console.print("float32 Linears (BiXT-Ti's token MLP), train / infer ms: " + "; ".join(
+            f"{lib} {s['train'] * 1e3:.1f} / {s['infer'] * 1e3:.1f}" for lib, s in secs.items())
+            + f": {result['linear']['faster']} is faster", highlight=False)
     if result["worst_auto_over_best_in_check"] is not None:
         console.print(f"worst auto / best in the check: {result['worst_auto_over_best_in_check']:.3f}",
                       highlight=False)
@@ -87,6 +94,7 @@ def _table(title: str, mode: str, rows: list[dict]) -> Table:
 
 def _show(info: dict) -> None:
     console.print(f"cache file {escape(info['cache'])}", highlight=False)
+    console.print(f"float32 Linears on {info['linear']} (source: {info['linear_source']})", highlight=False)
     for name, now in info["dtypes"].items():
         console.print(f"{name}: machine {escape(now['machine'])}; source: {now['source']}", highlight=False)
         if now["choices"] is None and name == "bf16":

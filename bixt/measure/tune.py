@@ -26,6 +26,7 @@ import torch
 from bixt.measure.profile import DTYPES as PROFILE_DTYPES
 from bixt.measure.profile import time_step
 from bixt.nn import autotune
+from bixt.nn import linear as bixt_linear
 from bixt.nn.attention import bidirectional_attention
 
 BACKENDS = ("sdpa", "math", "fused")
@@ -38,6 +39,10 @@ QUICK_LADDER = ((1, 256), (4, 196), (1, 2048))
 # Shapes off the ladder (and two on it) for the check: where auto's nearest-shape choice is put to the test.
 CHECK_LADDER = ((2, 1024), (64, 196), (4, 576), (1, 5120), (32, 196), (2, 8192), (1, 24576))
 QUICK_CHECK_LADDER = ((2, 512),)
+# The Linear library (bixt.nn.linear): BiXT-Ti's token MLP (192 -> 768 -> 192) over 32 x 196 tokens, the shapes
+# that dominate its cost; --quick over 4,096 tokens (the least on which oneDNN takes a product in training).
+LINEAR_SHAPES = ((6272, 192, 768), (6272, 768, 192))
+QUICK_LINEAR_SHAPES = ((4096, 192, 768),)
 REPEATS, QUICK_REPEATS = 9, 2  # 9: 35 s on an idle 2-core Xeon, 85 s on a busy one
 
 Progress = Callable[[int, int, str], None]
@@ -132,19 +137,24 @@ def judged(table: dict[str, list[dict]], chosen: dict[bool, autotune.Choices]) -
 
 def tune(heads: int = 6, latents: int = 64, head_dim: int = 32, lengths=LADDER, repeats: int = REPEATS,
          progress: Progress | None = None, write_cache: bool = True, check_lengths=CHECK_LADDER,
-         dtype: torch.dtype = torch.float32) -> dict:
+         dtype: torch.dtype = torch.float32, linear_shapes=LINEAR_SHAPES) -> dict:
     """Measure, cache the fastest backend per shape for this machine and `dtype` (unless `write_cache` is False),
-    then check auto's choices on a second measurement (`check_lengths`; none: no check). The result: per-mode rows
-    (seconds per backend, the fastest), the check's rows (auto's choice, auto_over_best), machine key, cache file,
-    load."""
+    with float32 the faster Linear library (`linear_shapes`; none: not measured, the cached one kept), then check
+    auto's choices on a second measurement (`check_lengths`; none: no check). The result: per-mode rows (seconds
+    per backend, the fastest), the check's rows (auto's choice, auto_over_best), the Linear libraries' times and the
+    faster, machine key, cache file, load."""
     load = [load_average()]
+    linear_times = time_linear(linear_shapes, repeats) \
+        if dtype == torch.float32 and linear_shapes and bixt_linear.AVAILABLE else None
+    linear = faster_linear(linear_times) if linear_times else (autotune.entry_info() or {}).get("linear")
     table = measure(heads, latents, head_dim, lengths, repeats, progress, dtype)
     chosen = choices(table)
     name = autotune.dtype_name(dtype)
     how = (f"bixt tune: H={heads}, M={latents}, d_h={head_dim}, {name}, medians of {repeats} round-robin calls "
            f"at {len(lengths)} shapes from {min(b * n for b, n in lengths)} to {max(b * n for b, n in lengths)} "
            "tokens in the batch")
-    path = autotune.store(chosen, how, dtype=dtype) if write_cache else None
+    path = autotune.store(chosen, how, dtype=dtype, linear=linear if dtype == torch.float32 else None) \
+        if write_cache else None
     checked = judged(measure(heads, latents, head_dim, check_lengths, repeats, progress, dtype), chosen) \
         if check_lengths else {}
     load.append(load_average())
@@ -154,7 +164,41 @@ def tune(heads: int = 6, latents: int = 64, head_dim: int = 32, lengths=LADDER, 
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "rows": judged(table, chosen), "check": checked, "worst_auto_over_best_in_check": worst,
             "how": how, "cache": None if path is None else str(path),
+            "linear": None if linear_times is None else {"seconds": linear_times, "faster": linear},
             "load_average": {"before": load[0], "after": load[1], "cores": cores()}}
+
+
+def time_linear(shapes=LINEAR_SHAPES, repeats: int = REPEATS) -> dict[str, dict[str, float]]:
+    """{library: {mode: seconds}}: float32 Linears of `shapes` (rows, in, out) on each library, forward + backward
+    (`train`) and an inference-mode forward (`infer`), summed over the shapes, medians of round-robin calls."""
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(n, i, generator=g, requires_grad=True), torch.randn(o, i, generator=g, requires_grad=True),
+               torch.randn(o, generator=g, requires_grad=True), torch.randn(n, o, generator=g)) for n, i, o in shapes]
+
+    def train():
+        for x, w, b, cot in layers:
+            torch.autograd.grad(bixt_linear.linear(x, w, b), (x, w, b), cot)
+
+    def infer():
+        with torch.inference_mode():
+            for x, w, b, _ in layers:
+                bixt_linear.linear(x, w, b)
+
+    cpu = torch.device("cpu")
+    times = {lib: {"train": [], "infer": []} for lib in bixt_linear.LIBRARIES}
+    for i in range(repeats + 1):  # the first round warms up
+        for lib in bixt_linear.LIBRARIES[:: -1 if i % 2 else 1]:
+            with bixt_linear.using(lib):
+                for mode, step in (("train", train), ("infer", infer)):
+                    t = time_step(step, cpu)
+                    if i:
+                        times[lib][mode].append(t)
+    return {lib: {m: statistics.median(t) for m, t in modes.items()} for lib, modes in times.items()}
+
+
+def faster_linear(times: dict[str, dict[str, float]]) -> str:
+    """The library with the least training + inference time."""
+    return min(times, key=lambda lib: sum(times[lib].values()))
 
 
 def load_average() -> float | None:
@@ -174,13 +218,22 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _linear_source() -> str:
+    if os.environ.get("BIXT_CPU_LINEAR"):
+        return "BIXT_CPU_LINEAR"
+    if not bixt_linear.AVAILABLE:
+        return "the only one in this torch"
+    return "cache" if autotune.linear_choice() is not None else "built-in (oneDNN on AMD, MKL elsewhere)"
+
+
 def current() -> dict:
     """What `auto` uses on this machine now, per dtype (the cached choices, or the built-in rules) and its
     source."""
     from bixt.nn.attention import CPU_BF16_RULE  # the built-in fallbacks of auto_bidirectional
     from bixt.nn.fused import _AUTO_MIN_TOKENS
 
-    out = {"cache": str(autotune.cache_path()), "dtypes": {},
+    out = {"cache": str(autotune.cache_path()), "dtypes": {}, "linear": bixt_linear.cpu_library(),
+           "linear_source": _linear_source(),
            "builtin_fused_from": {m: _AUTO_MIN_TOKENS[t] for m, t in MODES.items()}, "builtin_bf16": CPU_BF16_RULE}
     for name, dtype in DTYPES.items():
         entry = autotune.lookup(dtype=dtype)

@@ -16,6 +16,7 @@ from bixt.models.blocks import CrossBlock, LatentBlock
 from bixt.models.official import checkpoint_filter_fn
 from bixt.models.registry import register_family
 from bixt.nn.layers import check_padding_mask, drop_path_rates, layer_norm
+from bixt.nn.linear import Linear
 from bixt.nn.sharding import TokenShard, check_shard_backend
 from bixt.nn.tokenizers import build_tokenizer
 
@@ -52,7 +53,7 @@ class BiXT(LatentModel):
         self.build_head()
         if cfg.dense_classes:
             self.dense_norm = layer_norm(cfg.token_dim)
-            self.dense_head = nn.Linear(cfg.token_dim, cfg.dense_classes)
+            self.dense_head = Linear(cfg.token_dim, cfg.dense_classes)
         self.token_shard: TokenShard | None = None
         self.init_weights()
 

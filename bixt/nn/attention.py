@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from bixt.nn import autotune
 from bixt.nn.fused import fused_bidirectional_attention, fused_wins
 from bixt.nn.layers import split_heads
+from bixt.nn.linear import Linear
 from bixt.nn.sharding import TokenShard, check_shard_backend, softmax_over_shards
 
 BACKENDS = ("auto", "math", "sdpa", "xformers", "fused", "triton")
@@ -276,12 +277,12 @@ class BiDirectionalCrossAttention(_CrossAttention):
         super().__init__(dim_lat, dim_tok, dim_attn, num_heads, attn_drop, proj_drop, one_sided, backend)
         dim_tok, dim_attn = self.dim_tok, self.dim_attn
         if one_sided:
-            self.r_lat = nn.Linear(dim_lat, dim_attn, bias=bias)
+            self.r_lat = Linear(dim_lat, dim_attn, bias=bias)
         else:
-            self.rv_lat = nn.Linear(dim_lat, 2 * dim_attn, bias=bias)
-            self.proj_tok = nn.Linear(dim_attn, dim_tok)
-        self.rv_tok = nn.Linear(dim_tok, 2 * dim_attn, bias=bias)
-        self.proj_lat = nn.Linear(dim_attn, dim_lat)
+            self.rv_lat = Linear(dim_lat, 2 * dim_attn, bias=bias)
+            self.proj_tok = Linear(dim_attn, dim_tok)
+        self.rv_tok = Linear(dim_tok, 2 * dim_attn, bias=bias)
+        self.proj_lat = Linear(dim_attn, dim_lat)
 
     def forward(self, latents: Tensor, tokens: Tensor,
                 padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -329,15 +330,15 @@ class SequentialCrossAttention(_CrossAttention):
                  backend: str = "auto"):
         super().__init__(dim_lat, dim_tok, dim_attn, num_heads, attn_drop, proj_drop, one_sided, backend)
         dim_tok, dim_attn = self.dim_tok, self.dim_attn
-        self.q_lat = nn.Linear(dim_lat, dim_attn, bias=bias)
-        self.kv_tok = nn.Linear(dim_tok, 2 * dim_attn, bias=bias)
-        self.proj_lat = nn.Linear(dim_attn, dim_lat)
+        self.q_lat = Linear(dim_lat, dim_attn, bias=bias)
+        self.kv_tok = Linear(dim_tok, 2 * dim_attn, bias=bias)
+        self.proj_lat = Linear(dim_attn, dim_lat)
         if not one_sided:
-            self.q_tok = nn.Linear(dim_tok, dim_attn, bias=bias)
-            self.kv_lat = nn.Linear(dim_lat, 2 * dim_attn, bias=bias)
-            self.proj_tok = nn.Linear(dim_attn, dim_tok)
+            self.q_tok = Linear(dim_tok, dim_attn, bias=bias)
+            self.kv_lat = Linear(dim_lat, 2 * dim_attn, bias=bias)
+            self.proj_tok = Linear(dim_attn, dim_tok)
 
-    def _read(self, to_q: nn.Linear, to_kv: nn.Linear, to_out: nn.Linear, x: Tensor, context: Tensor,
+    def _read(self, to_q: Linear, to_kv: Linear, to_out: Linear, x: Tensor, context: Tensor,
               key_padding_mask: Tensor | None, shard: TokenShard | None = None) -> Tensor:
         (q,) = split_heads(to_q(x), 1, self.num_heads)
         k, v = split_heads(to_kv(context), 2, self.num_heads)
@@ -367,8 +368,8 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.backend = check_backend(backend)
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:

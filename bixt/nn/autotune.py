@@ -5,7 +5,9 @@ with the tokens in the batch: on a 2-core Xeon, fused beats sdpa from 3,072 toke
 loses at 32 x 196 = 6,272, where math beats both. So `bixt tune` times sdpa, math and fused over a ladder of
 (batch, tokens) shapes and stores the fastest per shape; `auto` takes the choice of the measured shape nearest to
 its own (distance in log2 of the batch's tokens plus log2 of the sample's), and without an entry falls back to
-`bixt.nn.fused.fused_wins`' built-in thresholds.
+`bixt.nn.fused.fused_wins`' built-in thresholds. The float32 entry also records which library ran float32
+Linears faster in the same tuning (`linear`: onednn or mkl, read by bixt.nn.linear); entries without it, written
+by an older bixt, leave the Linears on the built-in choice.
 
 The cache is one JSON file (never a pickle: it is read on every machine that imports bixt): `tune.json` in
 `$BIXT_CACHE_DIR`, else `$XDG_CACHE_HOME/bixt`, else `~/.cache/bixt`. It holds one entry per machine key (CPU model,
@@ -49,15 +51,24 @@ def disabled() -> bool:
 
 
 @functools.cache
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.partition(":")[0].strip() == field:
                     return line.partition(":")[2].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown cpu"
+
+
+def cpu_vendor() -> str:
+    """GenuineIntel, AuthenticAMD, ..., or '' where /proc/cpuinfo does not say."""
+    return _cpuinfo("vendor_id") or ""
 
 
 def machine_key(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
@@ -120,6 +131,7 @@ def clear() -> None:
     """Forget what was read, so the next lookup reads the file again."""
     _read.cache_clear()
     _entry.cache_clear()
+    _linear.cache_clear()
 
 
 def lookup(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[bool, Choices] | None:
@@ -135,6 +147,23 @@ def lookup(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict
 @functools.cache  # auto asks on every attention call: a few dictionary lookups, not a path and key built anew
 def _entry(cache_dir, xdg, home, threads: int, device_type: str, dtype: torch.dtype) -> dict[bool, Choices] | None:
     return _read(str(cache_path())).get(machine_key(device_type, dtype))
+
+
+def linear_choice() -> str | None:
+    """The library (bixt.nn.linear.LIBRARIES) `bixt tune` measured faster for float32 Linears here, or None."""
+    if disabled():
+        return None
+    env = os.environ
+    return _linear(env.get("BIXT_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"), torch.get_num_threads())
+
+
+@functools.cache  # asked on every Linear call
+def _linear(cache_dir, xdg, home, threads: int) -> str | None:
+    if not _read(str(cache_path())):  # missing or unreadable (warned about once, there)
+        return None
+    info = entry_info()
+    choice = info.get("linear") if isinstance(info, dict) else None
+    return choice if choice in ("onednn", "mkl") else None
 
 
 @functools.lru_cache(maxsize=1024)  # asked on every attention call, with the few shapes a run has
@@ -155,8 +184,9 @@ def choose(training: bool, batch: int, tokens: int, device_type: str = "cpu",
 
 
 def store(choices: dict[bool, Choices], how: str, device_type: str = "cpu",
-          dtype: torch.dtype = torch.float32) -> Path:
-    """Write this machine's choices into the cache (other machines' entries kept); returns the file."""
+          dtype: torch.dtype = torch.float32, linear: str | None = None) -> Path:
+    """Write this machine's choices into the cache (other machines' entries kept), with the faster Linear library
+    where measured; returns the file."""
     path = cache_path()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -168,7 +198,7 @@ def store(choices: dict[bool, Choices], how: str, device_type: str = "cpu",
         "choices": {mode: [list(c) for c in _choices(choices[t])] for t, mode in MODES.items()},
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "how": how, "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "device": device_type, "dtype": dtype_name(dtype)}
+        "device": device_type, "dtype": dtype_name(dtype), **({"linear": linear} if linear else {})}
     _write_atomic(path, json.dumps({"version": VERSION, "machines": machines}, indent=2) + "\n")
     clear()
     return path

@@ -6,17 +6,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from bixt.nn.linear import Linear, linear
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        h = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)  # GELU inside the product where it can be
+        return self.drop(self.fc2(self.drop(h)))
 
 
 class LayerScale(nn.Module):
@@ -122,4 +124,4 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 
 def classifier(dim: int, num_classes: int) -> nn.Module:
     """The classification head: Linear, or Identity for num_classes=0 (features only, as timm)."""
-    return nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+    return Linear(dim, num_classes) if num_classes else nn.Identity()

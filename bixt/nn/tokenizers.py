@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bixt.nn.linear import Linear
 from bixt.nn.posenc import fourier_features, fourier_grid_2d, sincos_1d
 from bixt.nn.sharding import TokenShard
 
@@ -219,8 +220,8 @@ class PointTokenizer(nn.Module):
             raise ValueError(f"point clouds need at least the 3 coordinates per point, got in_chans={in_chans}")
         self.in_chans, self.bands, self.max_freq = in_chans, fourier_bands, max_freq
         self.default_seq_len = seq_len
-        self.embed = nn.Linear(in_chans, dim)
-        self.pos_proj = nn.Linear(3 * 2 * fourier_bands, dim)
+        self.embed = Linear(in_chans, dim)
+        self.pos_proj = Linear(3 * 2 * fourier_bands, dim)
 
     def forward(self, x: Tensor, shard: TokenShard | None = None) -> Tensor:
         _check_rank(x, 3, f"point models take (B, N, {self.in_chans}) point clouds")
@@ -252,7 +253,7 @@ class SequenceTokenizer(nn.Module):
                              f"(set in_chans), got vocab_size={vocab_size}, in_chans={in_chans}")
         self.in_chans, self.vocab_size, self.dim = in_chans, vocab_size, dim
         self.default_seq_len = seq_len
-        self.embed = nn.Embedding(vocab_size, dim) if vocab_size else nn.Linear(in_chans, dim)
+        self.embed = nn.Embedding(vocab_size, dim) if vocab_size else Linear(in_chans, dim)
 
     def forward(self, x: Tensor, shard: TokenShard | None = None) -> Tensor:
         if self.vocab_size:
