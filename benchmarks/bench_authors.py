@@ -205,19 +205,21 @@ def profile_ops(step, top: int = 25) -> dict:
 
 
 def same_process(tokens: int, mode: str, repeats: int) -> dict[str, float]:
-    """Median ms of the authors' step and of ours on each backend (and on auto with its Linears on MKL), all in this
-    process, round-robin: differences smaller than the spread between fresh processes show here (both models live,
-    so absolute times run higher)."""
+    """Median ms of the authors' step and of ours on each backend, on auto with its Linears on MKL, and on auto under
+    bf16 autocast, all in this process, round-robin: differences smaller than the spread between fresh processes
+    show here (both models live, so absolute times run higher)."""
     tune_allocator()
     ours, theirs = models(tokens)
     side = 16 * math.isqrt(tokens)
     x = torch.randn(batch_for(tokens), 3, side, side)
-    runs = {"authors": (theirs, None, None), "ours_auto_mkl": (ours, "auto", "mkl"),
-            **{f"ours_{b}": (ours, b, None) for b in ("auto", "math", "sdpa", "fused")}}
-    steps = {name: step_fn(model, x, mode, bf16=False) for name, (model, _, _) in runs.items()}
+    # name: (model, backend, Linear library, bf16 autocast)
+    runs = {"authors": (theirs, None, None, False), "ours_auto_mkl": (ours, "auto", "mkl", False),
+            **{f"ours_{b}": (ours, b, None, False) for b in ("auto", "math", "sdpa", "fused")},
+            "ours_bf16": (ours, "auto", None, True)}
+    steps = {name: step_fn(model, x, mode, bf16=bf16) for name, (model, _, _, bf16) in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(repeats + 2):  # two warm-up rounds
-        for name, (model, backend, library) in runs.items():
+        for name, (model, backend, library, _) in runs.items():
             if backend is not None:
                 model.set_backend(backend)
             with bixt_linear.using(library) if library else contextlib.nullcontext():
@@ -270,16 +272,19 @@ def main() -> None:
         return
     if args.profile:
         return print_profiles(args)
+    result = {"machine": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
+                          "python": platform.python_version()}, "allocator": args.allocator,
+              "command": " ".join(["python", "benchmarks/bench_authors.py", *sys.argv[1:]]), "rows": []}
     if args.same_process:
         for tokens in args.lengths:
             for mode in args.modes:
                 ms = same_process(tokens, mode, max(args.repeats, 3))
                 console.print(f"{tokens} x{batch_for(tokens)} {mode}, one process, median ms: "
-                              + ", ".join(f"{k} {v:.0f}" for k, v in ms.items()))
+                              + ", ".join(f"{k} {v:.0f} ({ms['authors'] / v:.2f}x)" for k, v in ms.items()))
+                result["rows"].append({"tokens": tokens, "batch": batch_for(tokens), "mode": mode, "median_ms": ms})
+                if args.out:
+                    atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
         return
-    result = {"machine": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
-                          "python": platform.python_version()}, "allocator": args.allocator,
-              "command": " ".join(["python", "benchmarks/bench_authors.py", *sys.argv[1:]]), "rows": []}
     for tokens in args.lengths:
         for mode in args.modes:
             runs = list(args.runs) + ([] if args.no_gemm else ["gemm"])

@@ -8,6 +8,7 @@ is timed back to back with its own operands, in cache, so the floor is the least
 doing the same products cannot be faster than it, whatever elementwise work it fuses away.
 
     python benchmarks/gemm_floor.py --tokens 196 --mode train     # the authors' BiXT-Ti step, with its floor
+    python benchmarks/gemm_floor.py --tokens 196 --mode train --bf16   # its products in bf16 (autocast's)
 
 float32 products that are a Linear's (a contiguous input, a transposed weight) are timed on oneDNN too, and the
 faster counts (on an AMD EPYC, oneDNN's kernels run them up to 1.14x faster than torch's MKL sgemm).
@@ -106,27 +107,33 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=196)
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--bf16", action="store_true",
+                   help="record the step under bf16 autocast: its bf16 products' floor against the fp32 step")
     args = p.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
     _, theirs = models(args.tokens)
     side = 16 * int(args.tokens ** 0.5)
     x = torch.randn(batch_for(args.tokens), 3, side, side)
-    step = step_fn(theirs, x, args.mode, bf16=False)
+    step = step_fn(theirs, x, args.mode, bf16=args.bf16)
     step()
     if args.mode == "infer":  # under inference_mode nothing reaches a Python dispatch mode: the same products
         def counted():       # recorded under no_grad
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 theirs(x)
         products = record(counted)
     else:
         products = record(step)
     floor = replay(products)
-    _, _, times = time_steps(step, 3.0)
-    whole = statistics.median(times)
-    print(f"{args.tokens} tokens x{batch_for(args.tokens)} {args.mode}: the authors' step {whole * 1e3:.0f} ms, "
-          f"its {sum(products.values())} matrix products ({len(products)} distinct) alone {floor * 1e3:.0f} ms: "
-          f"at most {whole / floor:.2f}x faster with the same products")
+    fp32 = step_fn(theirs, x, args.mode, bf16=False)
+    whole = statistics.median(time_steps(fp32, 3.0)[2])
+    head = f"{args.tokens} tokens x{batch_for(args.tokens)} {args.mode}: the authors' fp32 step {whole * 1e3:.0f} ms"
+    if args.bf16:
+        amp = statistics.median(time_steps(step, 3.0)[2])
+        head += f", under bf16 autocast {amp * 1e3:.0f} ms"
+    kind = "bf16 " if args.bf16 else ""
+    print(f"{head}, its {sum(products.values())} {kind}matrix products ({len(products)} distinct) alone "
+          f"{floor * 1e3:.0f} ms: at most {whole / floor:.2f}x faster than the fp32 step with the same products")
 
 
 if __name__ == "__main__":

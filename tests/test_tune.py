@@ -62,6 +62,8 @@ def test_auto_takes_the_choice_of_the_nearest_measured_shape(cache_dir):
     assert [auto(1, 256), auto(32, 196), auto(1, 4096), auto(1, 20000)] == ["sdpa", "math", "fused", "fused"]
     assert auto(64, 196) == "math"  # nearer 32 x 196 than 1 x 16,384: as many tokens, but per sample far fewer
     assert auto(1, 6272) == "fused"  # 32 x 196's token count in one sample: fused, as the long samples
+    autotune.store({True: ((1, 2048, "sdpa"), (8, 196, "math")), False: ((1, 256, "sdpa"),)}, "test")
+    assert auto(4, 576) == "math"  # a few short samples are nearer many short ones than one long one
     assert auto(1, 1 << 20, training=False) == "sdpa"
     assert auto(1, 1 << 20, dtype=torch.float64) == "fused"  # the table is float32's; float64 keeps the built-in
     assert auto(32, 196, dtype=torch.bfloat16) == "math" and auto(1, 4096, dtype=torch.bfloat16) == "math"  # bf16:

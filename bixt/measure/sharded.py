@@ -107,6 +107,10 @@ def measure_mode(setup: Setup, mode: str, plan: Plan, shard: TokenShard | None) 
 
 def profile_sharded(setup: Setup, shard: int, modes: tuple[str, ...], plan: Plan) -> list[dict]:
     """Every process's rows (one per mode), on every process, in rank order."""
+    if shard < 1:
+        raise ValueError(f"--shard-tokens must be >= 1, got {shard}: pass the number of processes per sample")
+    if setup.compile:  # the sharded attention's collectives are not checked under compile
+        raise ValueError("--compile does not run with --shard-tokens: drop one of them")
     prep = prepare(setup)
     with torch.device("meta"):  # refuses a model that cannot shard (a baseline, dropout, a backend) before joining
         prep.build().shard_tokens(TokenShard(0, shard))

@@ -4,10 +4,10 @@ Which backend wins moves with the processor, its thread count and torch's kernel
 with the tokens in the batch: on a 2-core Xeon, fused beats sdpa from 3,072 tokens of one sample in training, yet
 loses at 32 x 196 = 6,272, where math beats both. So `bixt tune` times sdpa, math and fused over a ladder of
 (batch, tokens) shapes and stores the fastest per shape; `auto` takes the choice of the measured shape nearest to
-its own (distance in log2 of the batch's tokens plus log2 of the sample's), and without an entry falls back to
-`bixt.nn.fused.fused_wins`' built-in thresholds. The float32 entry also records which library ran float32
-Linears faster in the same tuning (`linear`: onednn or mkl, read by bixt.nn.linear); entries without it, written
-by an older bixt, leave the Linears on the built-in choice.
+its own (Euclidean distance over log2 of the batch size and log2 of the sample's tokens), and without an entry
+falls back to `bixt.nn.fused.fused_wins`' built-in thresholds. The float32 entry also records which library ran
+float32 Linears faster in the same tuning (`linear`: onednn or mkl, read by bixt.nn.linear); entries without it,
+written by an older bixt, leave the Linears on the built-in choice.
 
 The cache is one JSON file (never a pickle: it is read on every machine that imports bixt): `tune.json` in
 `$BIXT_CACHE_DIR`, else `$XDG_CACHE_HOME/bixt`, else `~/.cache/bixt`. It holds one entry per machine key (CPU model,
@@ -168,11 +168,14 @@ def _linear(cache_dir, xdg, home, threads: int) -> str | None:
 
 @functools.lru_cache(maxsize=1024)  # asked on every attention call, with the few shapes a run has
 def nearest(choices: Choices, batch: int, tokens: int) -> str:
-    """The backend measured fastest at the shape nearest to (batch, tokens): log2 distance in the batch's tokens
-    plus in the sample's, ties to the earlier shape."""
+    """The backend measured fastest at the shape nearest to (batch, tokens): Euclidean distance over log2 of the
+    batch size and of the sample's tokens, ties to the earlier shape. Batch and sample length move the crossovers
+    apart (many short samples favour math, long ones fused), so both count in full: the sum of log2 distances in
+    the batch's tokens and the sample's, used before, sent 4 x 576 to 1 x 2,048's sdpa instead of 8 x 196's math,
+    1.3-1.5x slower in bixt tune's check on an AMD EPYC (benchmarks/results/tune_epyc_2t.txt)."""
     def distance(row: tuple[int, int, str]) -> float:
         b, n, _ = row
-        return abs(math.log2(b * n) - math.log2(batch * tokens)) + abs(math.log2(n) - math.log2(tokens))
+        return math.hypot(math.log2(b) - math.log2(batch), math.log2(n) - math.log2(tokens))
     return min(choices, key=distance)[2]
 
 
