@@ -155,9 +155,9 @@ def gemm_rates(tokens: int, mode: str, target_s: float) -> dict:
                         lin(x).sum().backward()
                 flops = 2 * rows * 192 * 768 * (3 if mode == "train" else 1)
                 out[f"linear_{key}_gflops"] = _rate(linear, flops, target_s / 4)
-        for what in ("gemm2048", "linear"):
-            out[f"{what}_{tag}_gflops"] = max(out[f"{what}_{tag}_{lib}_gflops"] for lib in libraries) \
-                if libraries[0] else out[f"{what}_{tag}_gflops"]
+        if libraries[0] is not None:  # the limit is the faster library's
+            for what in ("gemm2048", "linear"):
+                out[f"{what}_{tag}_gflops"] = max(out[f"{what}_{tag}_{lib}_gflops"] for lib in libraries)
     return out
 
 

@@ -71,7 +71,7 @@ def _ways(fn, a: torch.Tensor, b: torch.Tensor):
     if (fn is torch.mm and a.dtype == torch.float32 and bixt_linear.AVAILABLE and a.is_contiguous()
             and b.t().is_contiguous()):
         w = b.t()
-        yield lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+        yield lambda: bixt_linear.onednn_linear(a, w)
 
 
 def replay(products: Counter, repeats: int = 5) -> float:

@@ -51,8 +51,8 @@ def test_linear_matches_float64_in_values_and_gradients(library, gelu, rows):
 @needs_onednn
 def test_onednn_takes_large_products_only_and_never_under_autocast_or_tracing(monkeypatch):
     calls = []
-    real = L._onednn
-    monkeypatch.setattr(L, "_onednn", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = L.onednn_linear
+    monkeypatch.setattr(L, "onednn_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     with L.using("onednn"):
         big, w, b = _inputs(L.MIN_ROWS["train"])
         L.linear(big, w, b).sum().backward()

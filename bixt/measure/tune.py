@@ -218,14 +218,6 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _linear_source() -> str:
-    if os.environ.get("BIXT_CPU_LINEAR"):
-        return "BIXT_CPU_LINEAR"
-    if not bixt_linear.AVAILABLE:
-        return "the only one in this torch"
-    return "cache" if autotune.linear_choice() is not None else "built-in (oneDNN on AMD, MKL elsewhere)"
-
-
 def current() -> dict:
     """What `auto` uses on this machine now, per dtype (the cached choices, or the built-in rules) and its
     source."""
@@ -233,7 +225,7 @@ def current() -> dict:
     from bixt.nn.fused import _AUTO_MIN_TOKENS
 
     out = {"cache": str(autotune.cache_path()), "dtypes": {}, "linear": bixt_linear.cpu_library(),
-           "linear_source": _linear_source(),
+           "linear_source": bixt_linear.cpu_library_source(),
            "builtin_fused_from": {m: _AUTO_MIN_TOKENS[t] for m, t in MODES.items()}, "builtin_bf16": CPU_BF16_RULE}
     for name, dtype in DTYPES.items():
         entry = autotune.lookup(dtype=dtype)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from bixt.nn.linear import LIBRARIES
+
 FILE = "tune.json"
 VERSION = 2
 BACKENDS = ("sdpa", "math", "fused")
@@ -163,7 +165,7 @@ def _linear(cache_dir, xdg, home, threads: int) -> str | None:
         return None
     info = entry_info()
     choice = info.get("linear") if isinstance(info, dict) else None
-    return choice if choice in ("onednn", "mkl") else None
+    return choice if choice in LIBRARIES else None
 
 
 @functools.lru_cache(maxsize=1024)  # asked on every attention call, with the few shapes a run has

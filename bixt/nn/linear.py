@@ -50,20 +50,34 @@ def using(library: str):
 
 def cpu_library() -> str:
     """The library float32 CPU Linears run on here: `using`'s, the environment's, the tuned, or the built-in one."""
+    return _choice()[0]
+
+
+def cpu_library_source() -> str:
+    """Where `cpu_library()`'s answer comes from, in words (`bixt tune --show`)."""
+    return _choice()[1]
+
+
+def _choice() -> tuple[str, str]:
     if _using:
-        return _using[-1] if AVAILABLE else "mkl"
+        return (_using[-1] if AVAILABLE else "mkl"), "bixt.nn.linear.using"
     forced = os.environ.get("BIXT_CPU_LINEAR", "")
     if forced:
         if forced not in LIBRARIES:
             raise ValueError(f"BIXT_CPU_LINEAR={forced!r}: use one of {', '.join(LIBRARIES)}, or unset it")
-        return forced if AVAILABLE else "mkl"
+        return (forced if AVAILABLE else "mkl"), "BIXT_CPU_LINEAR"
+    if not AVAILABLE:
+        return "mkl", "the only one in this torch"
     from bixt.nn.autotune import linear_choice
 
     tuned = linear_choice()
-    return tuned if tuned is not None and AVAILABLE else builtin_library()
+    if tuned is not None:
+        return tuned, "cache"
+    return builtin_library(), "built-in (oneDNN on AMD, MKL elsewhere)"
 
 
-def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none") -> Tensor:
+    """x @ weight.T + bias, then `act` ("none" or "gelu"), in one oneDNN primitive (float32 or bf16, CPU)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "none" if act == "gelu" else "")
 
 
@@ -72,7 +86,7 @@ class _OneDnnLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn(x, weight, bias, "none")
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -81,7 +95,7 @@ class _OneDnnLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _onednn(g, weight.t().contiguous(), None, "none").view(x.shape)
+            gx = onednn_linear(g, weight.t().contiguous()).view(x.shape)
         if ctx.needs_input_grad[1]:
             gw = g.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -112,7 +126,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = F
                 y = _OneDnnLinear.apply(x, weight, bias)
                 return F.gelu(y) if gelu else y  # backward needs the pre-activation: the fused op keeps it to itself
         elif rows >= MIN_ROWS["infer"]:
-            return _onednn(x, weight, bias, "gelu" if gelu else "none")
+            return onednn_linear(x, weight, bias, "gelu" if gelu else "none")
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
